@@ -1,0 +1,25 @@
+"""celery-dlock: correct, fast, observable distributed locks on Redis, for Celery and beyond.
+
+The core lock (this package's top level) never imports Celery; the Celery
+integration lives in :mod:`celery_dlock.celery`.
+"""
+
+from celery_dlock.convenience import distributed_lock, distributed_lock_decorator, get_redis
+from celery_dlock.errors import LockBackendUnavailable, LockError, LockLost, LockNotAcquired
+from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
+from celery_dlock.lock import DistributedLock
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DistributedLock",
+    "LockBackendUnavailable",
+    "LockError",
+    "LockKeys",
+    "LockLost",
+    "LockNotAcquired",
+    "distributed_lock",
+    "distributed_lock_decorator",
+    "get_redis",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""Building a default Redis client from the environment, and naming a client's server in errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+DEFAULT_SOCKET_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+def redis_url_from_env() -> str:
+    """The Redis URL the default client connects to.
+
+    ``REDIS_URL`` wins; otherwise ``REDIS_HOST`` (localhost), ``REDIS_PORT``
+    (6379), ``REDIS_DB`` (0) and ``REDIS_PASSWORD`` (none).
+    """
+    url = os.environ.get("REDIS_URL")
+    if url:
+        return url
+    host = os.environ.get("REDIS_HOST", "localhost")
+    port = os.environ.get("REDIS_PORT", "6379")
+    db = os.environ.get("REDIS_DB", "0")
+    if not port.isdigit():
+        raise ValueError(f"REDIS_PORT must be a port number, got {port!r}")
+    if not db.isdigit():
+        raise ValueError(f"REDIS_DB must be a database number, got {db!r}")
+    password = os.environ.get("REDIS_PASSWORD")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+def check_redis_url(url: object, parameter: str = "url") -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"{parameter} must be a str, got {type(url).__name__}: {url!r}")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{parameter} must start with redis://, rediss:// or unix://, got {url!r}")
+    return url
+
+
+def client_options() -> dict[str, Any]:
+    """Timeouts for default clients, so a dead network gives an error instead of a hang."""
+    return {
+        "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+        "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+        "health_check_interval": 30,
+    }
+
+
+def describe_server(client: Any) -> str:
+    """``host:port`` (or socket path, or cluster nodes) of a redis-py client, for messages."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if isinstance(kwargs, dict):
+        if kwargs.get("path"):
+            return f"unix:{kwargs['path']}"
+        return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    nodes = getattr(client, "startup_nodes", None)
+    if nodes:
+        return ",".join(f"{n.host}:{n.port}" for n in nodes)
+    return repr(client)
+
+
+def notifier_key(client: Any) -> tuple[Any, ...]:
+    """Clients that reach the same server (pub/sub ignores the db) share one subscription."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return ("client", id(client))
+    return (
+        type(pool).__name__,
+        getattr(pool, "connection_class", None),
+        kwargs.get("host"),
+        kwargs.get("port"),
+        kwargs.get("path"),
+        kwargs.get("username"),
+        kwargs.get("password"),
+    )

@@ -1,0 +1,63 @@
+"""Redis key names of one lock.
+
+All keys of a lock share one Redis Cluster hash tag (the part between braces),
+so the scripts that touch several of them never cross slots. The lock name is
+the hash tag itself, which is why names may not contain braces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "dlock:"
+MAX_NAME_LENGTH = 1024
+
+
+def check_name(name: object, parameter: str = "lock_name") -> str:
+    """Return ``name`` if it can name a lock, else raise a clear error."""
+    if not isinstance(name, str):
+        raise TypeError(f"{parameter} must be a str, got {type(name).__name__}: {name!r}")
+    if not name:
+        raise ValueError(f"{parameter} must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"{parameter} must be at most {MAX_NAME_LENGTH} characters, got {len(name)} "
+            f"characters: {name[:40]!r}..."
+        )
+    if "{" in name or "}" in name:
+        raise ValueError(
+            f"{parameter} must not contain '{{' or '}}' (they would break the Redis Cluster "
+            f"hash tag that keeps a lock's keys in one slot), got {name!r}"
+        )
+    return name
+
+
+def check_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it can namespace lock keys, else raise a clear error."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}: {prefix!r}")
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"prefix must not contain '{{' or '}}', got {prefix!r}")
+    if len(prefix) > MAX_NAME_LENGTH:
+        raise ValueError(f"prefix must be at most {MAX_NAME_LENGTH} characters, got {prefix!r}")
+    return prefix
+
+
+@dataclass(frozen=True)
+class LockKeys:
+    """The three Redis names that belong to one lock.
+
+    ``lock``: the lease itself (value = owner token, server-side PX expiry).
+    ``fence``: a counter incremented on every acquisition; it has no expiry, so
+    fencing tokens never go backwards while the Redis dataset survives.
+    ``channel``: pub/sub channel a release publishes on, to wake waiters.
+    """
+
+    lock: str
+    fence: str
+    channel: str
+
+    @classmethod
+    def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
+        base = f"{prefix}{{{name}}}"
+        return cls(lock=base, fence=f"{base}:fence", channel=f"{base}:released")

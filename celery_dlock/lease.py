@@ -1,0 +1,238 @@
+"""The I/O-free half of a lock: its state, and every decision that needs no network.
+
+Both :class:`celery_dlock.DistributedLock` and
+:class:`celery_dlock.asyncio.DistributedLock` subclass :class:`LockCore`; they
+only add the round trips. Keeping the decisions here (how long the lease is
+trusted, how long a waiter sleeps, how a script reply is read) is what keeps
+the two APIs from drifting apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery_dlock.errors import LockError, LockLost
+from celery_dlock.keys import LockKeys
+from celery_dlock.options import LockOptions, check_seconds, to_millis
+
+logger = logging.getLogger("celery_dlock")
+
+# The local clock may run a little fast relative to the server's; trust a lease
+# for 99 % of its length minus 2 ms (the Redlock paper's margin). The lease is
+# measured from the moment the request was *sent*, which is never later than the
+# moment the server started the expiry.
+CLOCK_DRIFT_FACTOR = 0.01
+CLOCK_DRIFT_MARGIN = 0.002
+
+TOKEN_BYTES = 16  # 128 bits from os.urandom
+
+
+def new_token() -> str:
+    """A fresh owner token: 128 random bits from the OS, hex-encoded."""
+    return os.urandom(TOKEN_BYTES).hex()
+
+
+def trusted_until(sent_at: float, lease_ms: int) -> float:
+    """Monotonic time until which a lease granted for a request sent at ``sent_at`` is surely ours."""
+    lease = lease_ms / 1000.0
+    return sent_at + lease * (1 - CLOCK_DRIFT_FACTOR) - CLOCK_DRIFT_MARGIN
+
+
+@dataclass(frozen=True)
+class AcquireReply:
+    """What one acquire attempt answered."""
+
+    acquired: bool
+    fence: int | None = None
+    remaining_ms: int | None = None  # lease left on the other holder's lock; -1: no expiry
+
+    @classmethod
+    def parse(cls, reply: Any) -> AcquireReply:
+        status, value = int(reply[0]), int(reply[1])
+        if status == 1:
+            return cls(acquired=True, fence=value)
+        return cls(acquired=False, remaining_ms=value)
+
+
+class AttemptPlan:
+    """Decides, after a failed attempt, whether to try again and how long to wait first.
+
+    ``blocking=False``: exactly one attempt. ``blocking=True``: ``1 + retry_times``
+    attempts; with a ``blocking_timeout`` the waiter keeps trying until that
+    deadline instead (a non-zero ``retry_times`` still caps the attempts).
+    Between attempts it waits at most ``retry_delay`` seconds, at most the other
+    holder's remaining lease (expiry wakes nobody, so the waiter must look again
+    by then) and never past the deadline; a release notification ends the wait
+    earlier.
+    """
+
+    def __init__(self, options: LockOptions, blocking: bool, now: float) -> None:
+        self._retry_delay = options.retry_delay
+        self._deadline: float | None = None
+        self._attempts_left: float
+        if not blocking:
+            self._attempts_left = 0
+        elif options.blocking_timeout is not None:
+            self._deadline = now + options.blocking_timeout
+            self._attempts_left = options.retry_times or math.inf
+        else:
+            self._attempts_left = options.retry_times
+
+    def may_retry(self, now: float) -> bool:
+        """Whether another attempt will follow a failed one (checked before subscribing)."""
+        if self._attempts_left <= 0:
+            return False
+        return self._deadline is None or now < self._deadline
+
+    def next_wait(self, reply: AcquireReply, now: float) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up."""
+        if self._attempts_left <= 0:
+            return None
+        if self._deadline is not None and now >= self._deadline:
+            return None
+        self._attempts_left -= 1
+        wait = self._retry_delay
+        if reply.remaining_ms is not None and reply.remaining_ms >= 0:
+            # +1 ms: look again just after the server has expired the key.
+            wait = min(wait, reply.remaining_ms / 1000.0 + 0.001)
+        if self._deadline is not None:
+            wait = min(wait, self._deadline - now)
+        return max(0.0, wait)
+
+
+def check_extension(additional_time: object, replace: object) -> int:
+    seconds = check_seconds("additional_time", additional_time)
+    assert seconds is not None
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False, got {type(replace).__name__}: {replace!r}")
+    return to_millis(seconds)
+
+
+class LockCore:
+    """State and non-I/O behaviour shared by the sync and asyncio locks.
+
+    The owner token lives on the lock object (never in thread-local storage),
+    so each lock object is one owner: two coroutines or threads using two lock
+    objects can never release each other's lock.
+    """
+
+    def __init__(self, options: LockOptions) -> None:
+        self.options = options
+        self.keys = LockKeys.for_name(options.name, options.prefix)
+        self._token: str | None = None
+        self._fence: int | None = None
+        self._lost = False
+        self._lost_reason = ""
+        self._lost_notified = False
+        self._trusted_until = 0.0
+        self._acquired_pid = 0
+
+    # -- public, cheap, no round trip ---------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    @property
+    def timeout(self) -> float:
+        return self.options.timeout
+
+    @property
+    def token(self) -> str | None:
+        """The random owner token while this object holds the lock, else None."""
+        return self._token
+
+    @property
+    def fence(self) -> int | None:
+        """Fencing token of the current acquisition: larger than every earlier one for this name."""
+        return self._fence
+
+    @property
+    def lost(self) -> bool:
+        """True once the lock is known (or must be assumed) to be no longer ours.
+
+        That is: renewal or extend found another token or no key, or the lease
+        we last obtained has run out on the local monotonic clock.
+        """
+        if self._lost:
+            return True
+        return self._token is not None and time.monotonic() >= self._trusted_until
+
+    @property
+    def lost_reason(self) -> str:
+        return self._lost_reason
+
+    def ensure_held(self) -> None:
+        """Raise :class:`LockLost` unless this object holds the lock right now (no round trip)."""
+        if self._token is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        if self.lost:
+            if not self._lost:
+                self._mark_lost("its lease ran out before it was renewed")
+                self._notify_lost()
+            raise LockLost(f"lock {self.name!r} was lost: {self._lost_reason}")
+
+    @property
+    def trusted_until(self) -> float:
+        """Monotonic deadline until which the current lease is surely ours."""
+        return self._trusted_until
+
+    def __repr__(self) -> str:
+        state = "lost" if self._lost else ("held" if self._token else "free")
+        return f"<{type(self).__name__} {self.name!r} {state} fence={self._fence}>"
+
+    # -- transitions used by the drivers --------------------------------------------
+
+    def _start_attempt(self) -> str:
+        if self._token is not None:
+            raise LockError(
+                f"lock {self.name!r} is already held by this object (fence {self._fence}); "
+                "release it first, or use another DistributedLock object"
+            )
+        return new_token()
+
+    def _acquired(self, token: str, fence: int, sent_at: float) -> None:
+        self._token = token
+        self._fence = fence
+        self._lost = False
+        self._lost_reason = ""
+        self._lost_notified = False
+        self._trusted_until = trusted_until(sent_at, self.options.timeout_ms)
+        self._acquired_pid = os.getpid()
+
+    def _renewed(self, lease_ms: int, sent_at: float) -> None:
+        if not self._lost:
+            self._trusted_until = max(self._trusted_until, trusted_until(sent_at, lease_ms))
+
+    def _mark_lost(self, reason: str) -> bool:
+        """Record that the lock is lost; True if this call is the one that found out."""
+        if self._lost or self._token is None:
+            return False
+        self._lost = True
+        self._lost_reason = reason
+        logger.warning("lock %r (fence %s) lost: %s", self.name, self._fence, reason)
+        return True
+
+    def _notify_lost(self) -> None:
+        """Call ``on_lost`` once per acquisition; its exceptions are logged, never raised."""
+        if self._lost_notified:
+            return
+        self._lost_notified = True
+        callback: Callable[[Any], object] | None = self.options.on_lost
+        if callback is None:
+            return
+        try:
+            callback(self)
+        except Exception:
+            logger.exception("on_lost callback of lock %r raised", self.name)
+
+    def _forget(self) -> None:
+        self._token = None
+        self._fence = None
+        self._trusted_until = 0.0

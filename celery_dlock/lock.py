@@ -1,0 +1,256 @@
+"""The synchronous Redis lease lock.
+
+One acquire and one release are each a single round trip (an EVALSHA of the
+scripts in :mod:`celery_dlock.scripts`). Everything that is not I/O lives in
+:class:`celery_dlock.lease.LockCore`, shared with the asyncio lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from celery_dlock.connection import describe_server
+from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
+from celery_dlock.keys import DEFAULT_PREFIX
+from celery_dlock.lease import AcquireReply, AttemptPlan, LockCore, check_extension, trusted_until
+from celery_dlock.notify import notifier_for
+from celery_dlock.options import LockOptions, check_bool, to_millis
+from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
+from celery_dlock.watchdog import get_watchdog
+
+logger = logging.getLogger("celery_dlock")
+
+
+def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return client.eval(script.source, len(keys), *keys, *args)
+
+
+def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
+    """Turn a redis-py error into ours, naming the server and what we were doing."""
+    where = describe_server(client)
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return LockBackendUnavailable(
+            f"cannot {action} lock {name!r}: Redis at {where} is unreachable ({exc})"
+        )
+    return LockError(f"cannot {action} lock {name!r}: Redis at {where} answered {exc}")
+
+
+def check_sync_client(client: object) -> Any:
+    import redis.asyncio
+
+    if isinstance(client, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):
+        raise TypeError(
+            "redis must be a synchronous redis.Redis client; for a redis.asyncio client use "
+            f"celery_dlock.asyncio.DistributedLock (got {client!r})"
+        )
+    if not callable(getattr(client, "evalsha", None)):
+        raise TypeError(f"redis must be a redis.Redis or RedisCluster client, got {client!r}")
+    return client
+
+
+class DistributedLock(LockCore):
+    """A Redis lease lock with an owner token, fencing token and optional auto-renewal.
+
+    >>> lock = DistributedLock(redis.Redis(), "reports:daily", timeout=30, auto_renewal=True)
+    >>> with lock:
+    ...     write_report(fence=lock.fence)
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        lock_name: str,
+        timeout: float = 30,
+        retry_times: int = 0,
+        retry_delay: float = 0.1,
+        auto_renewal: bool = False,
+        renewal_interval: float | None = None,
+        blocking_timeout: float | None = None,
+        on_lost: Callable[[DistributedLock], object] | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_lease: float | None = None,
+    ) -> None:
+        options = LockOptions.build(
+            lock_name,
+            timeout=timeout,
+            retry_times=retry_times,
+            retry_delay=retry_delay,
+            auto_renewal=auto_renewal,
+            renewal_interval=renewal_interval,
+            blocking_timeout=blocking_timeout,
+            on_lost=on_lost,
+            prefix=prefix,
+            max_lease=max_lease,
+        )
+        super().__init__(options)
+        self.redis = check_sync_client(redis)
+
+    # -- acquire -------------------------------------------------------------------
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; True on success.
+
+        ``blocking=False`` makes exactly one attempt. Otherwise, after a failed
+        attempt the caller subscribes to the lock's release channel, tries once
+        more (a release may have happened meanwhile), then sleeps until woken by
+        a release, the holder's lease ends, or ``retry_delay`` passes; see
+        :class:`celery_dlock.lease.AttemptPlan` for how many attempts are made.
+        """
+        check_bool("blocking", blocking)
+        token = self._start_attempt()
+        plan = AttemptPlan(self.options, blocking, time.monotonic())
+        reply = self._attempt(token)
+        if reply.acquired:
+            return True
+        if not plan.may_retry(time.monotonic()):
+            return False
+        with notifier_for(self.redis).watch(self.keys.channel) as released:
+            reply = self._attempt(token)
+            while not reply.acquired:
+                wait = plan.next_wait(reply, time.monotonic())
+                if wait is None:
+                    return False
+                released.wait(wait)
+                released.clear()
+                reply = self._attempt(token)
+        return True
+
+    def _attempt(self, token: str) -> AcquireReply:
+        sent_at = time.monotonic()
+        try:
+            raw = run_script(
+                self.redis,
+                ACQUIRE,
+                [self.keys.lock, self.keys.fence],
+                [token, self.options.timeout_ms],
+            )
+            reply = AcquireReply.parse(raw)
+            if reply.acquired:
+                assert reply.fence is not None
+                self._acquired(token, reply.fence, sent_at)
+                if self.options.auto_renewal or self.options.on_lost is not None:
+                    get_watchdog().track(self)
+            return reply
+        except BaseException as exc:
+            # The script may have run even though we never saw its reply (timeout,
+            # interrupt): never leave a lock behind that nobody owns.
+            self._abandon(token)
+            if isinstance(exc, RedisError):
+                raise backend_error(self.redis, "acquire", self.name, exc) from exc
+            raise
+
+    def _abandon(self, token: str) -> None:
+        get_watchdog().untrack(self, wait=0)
+        try:
+            run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token])
+        except Exception as exc:
+            logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
+        if self._token == token:
+            self._forget()
+
+    # -- release -------------------------------------------------------------------
+
+    def release(self) -> bool:
+        """Release the lock if this object holds it; False (never a delete) otherwise.
+
+        Renewal stops first. If Redis cannot be reached the token is kept (so a
+        later release can still succeed) and :class:`LockBackendUnavailable` is
+        raised; the lock then ends when its lease runs out.
+        """
+        token = self._token
+        if token is None:
+            return False
+        get_watchdog().untrack(self, wait=self.options.timeout)
+        try:
+            released = bool(run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token]))
+        except RedisError as exc:
+            raise backend_error(self.redis, "release", self.name, exc) from exc
+        if not released and self._mark_lost("at release it had expired or been taken over"):
+            self._notify_lost()
+        if self._token == token:
+            self._forget()
+        return released
+
+    # -- extend and queries ------------------------------------------------------
+
+    def extend(self, additional_time: float, replace: bool = False) -> bool:
+        """Add ``additional_time`` seconds to the remaining lease (``replace=True``: set it).
+
+        Returns False, and marks the lock lost, if it is no longer ours. The result
+        never exceeds ``max_lease`` when one was given.
+        """
+        lease_ms = check_extension(additional_time, replace)
+        token = self._token
+        if token is None or self._lost:
+            return False
+        cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
+        sent_at = time.monotonic()
+        try:
+            result = int(
+                run_script(
+                    self.redis,
+                    EXTEND,
+                    [self.keys.lock],
+                    [token, lease_ms, "set" if replace else "add", cap],
+                )
+            )
+        except RedisError as exc:
+            raise backend_error(self.redis, "extend", self.name, exc) from exc
+        if result < 0:
+            if self._mark_lost("extend found the lock expired or owned by another token"):
+                get_watchdog().untrack(self, wait=0)
+                self._notify_lost()
+            return False
+        self._trusted_until = trusted_until(sent_at, result)
+        return True
+
+    def is_locked_by_anyone(self) -> bool:
+        """Whether any owner holds this lock name right now (one round trip)."""
+        try:
+            return bool(self.redis.exists(self.keys.lock))
+        except RedisError as exc:
+            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+
+    def is_locked_by_me(self) -> bool:
+        """Whether the lock in Redis holds this object's token (one round trip)."""
+        token = self._token
+        if token is None:
+            return False
+        try:
+            return bool(run_script(self.redis, IS_OWNER, [self.keys.lock], [token]))
+        except RedisError as exc:
+            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+
+    # -- context manager -----------------------------------------------------------
+
+    def __enter__(self) -> DistributedLock:
+        if not self.acquire():
+            raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.release()
+        except LockError:
+            if exc is None:
+                raise
+            # Do not hide the body's own exception behind a release failure.
+            logger.exception("release of lock %r failed while handling %r", self.name, exc)

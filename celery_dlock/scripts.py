@@ -1,0 +1,96 @@
+"""The Lua scripts that make every check-and-act on a lock one atomic server step.
+
+Each script receives all key names through KEYS (never builds them in Lua), so
+they run unchanged on Redis Cluster: the keys share one hash tag. No script
+reads a client clock: leases are server-side PX expiries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and its SHA1, so drivers can call EVALSHA and fall back to EVAL."""
+
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease in ms.
+# Returns {1, fence} when acquired, {0, remaining lease in ms} when held by someone
+# else (-1: held without expiry), so a waiter knows how long it may need to wait.
+ACQUIRE = Script(
+    "acquire",
+    """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('INCR', KEYS[2])}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+""",
+)
+
+# KEYS[1] lock, KEYS[2] release channel; ARGV[1] token.
+# Deletes the lock only if it still holds our token, then wakes the waiters.
+# Returns 1 when released, 0 when the lock was not ours (expired or taken over).
+RELEASE = Script(
+    "release",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], '1')
+  return 1
+end
+return 0
+""",
+)
+
+# KEYS[1] lock; ARGV[1] token, ARGV[2] milliseconds, ARGV[3] mode, ARGV[4] cap on
+# the resulting lease in ms (0: no cap).
+# Modes: 'add' adds to the remaining lease; 'set' replaces it; 'renew' (what the
+# watchdog uses) sets it to max(remaining, milliseconds), so renewal never grows a
+# lease past the lock's timeout and never shortens a lease the holder extended.
+# Returns the new lease in ms, or -1 when the lock is not ours any more.
+EXTEND = Script(
+    "extend",
+    """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
+end
+local lease = tonumber(ARGV[2])
+local mode = ARGV[3]
+if mode ~= 'set' then
+  local remaining = redis.call('PTTL', KEYS[1])
+  if mode == 'add' and remaining > 0 then
+    lease = lease + remaining
+  elseif mode == 'renew' and remaining > lease then
+    lease = remaining
+  end
+end
+local cap = tonumber(ARGV[4])
+if cap > 0 and lease > cap then
+  lease = cap
+end
+redis.call('PEXPIRE', KEYS[1], lease)
+return lease
+""",
+)
+
+# KEYS[1] lock; ARGV[1] token. 1 if the lock holds this token, else 0.
+IS_OWNER = Script(
+    "is_owner",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 1
+end
+return 0
+""",
+)
+
+ALL_SCRIPTS = (ACQUIRE, RELEASE, EXTEND, IS_OWNER)

@@ -1,0 +1,32 @@
+"""Code run in child processes by the multi-process tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import redis
+
+from celery_dlock import DistributedLock
+
+
+def count_under_lock(url: str, name: str, counter_key: str, rounds: int, log_path: str) -> None:
+    """Increment a counter with a deliberately non-atomic read-sleep-write, under the lock.
+
+    Records every holder interval (monotonic start/end, fence) so the parent can
+    check that no two intervals overlap.
+    """
+    client = redis.Redis.from_url(url)
+    intervals = []
+    for _ in range(rounds):
+        lock = DistributedLock(client, name, timeout=10, blocking_timeout=60)
+        with lock:
+            start = time.monotonic()
+            value = int(client.get(counter_key) or 0)
+            time.sleep(0.0005)
+            client.set(counter_key, value + 1)
+            end = time.monotonic()
+            intervals.append((start, end, lock.fence, os.getpid()))
+    with open(log_path, "w") as fh:
+        json.dump(intervals, fh)

@@ -1,0 +1,438 @@
+"""The sync DistributedLock against a real redis-server: issue #2's numbered behaviours."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from celery_dlock import (
+    DistributedLock,
+    LockBackendUnavailable,
+    LockError,
+    LockLost,
+    LockNotAcquired,
+)
+from celery_dlock.notify import ReleaseNotifier
+from celery_dlock.watchdog import get_watchdog
+from tests.support.counting import CountingRedis
+
+# -- 1. ownership ----------------------------------------------------------------
+
+
+def test_acquire_release_roundtrip(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=5)
+    assert lock.token is None and lock.fence is None
+    assert lock.acquire(blocking=False)
+    assert lock.token is not None and len(lock.token) >= 32
+    assert r.get(lock.keys.lock) == lock.token.encode()
+    assert lock.is_locked_by_me() and lock.is_locked_by_anyone()
+    assert lock.release() is True
+    assert lock.token is None
+    assert not lock.is_locked_by_anyone()
+    assert lock.release() is False  # not held any more: False, never an exception
+
+
+def test_second_owner_cannot_acquire_or_release(r: redis.Redis, name: str) -> None:
+    holder = DistributedLock(r, name, timeout=5)
+    other = DistributedLock(r, name, timeout=5)
+    assert holder.acquire()
+    assert other.acquire(blocking=False) is False
+    assert other.release() is False
+    assert other.extend(10) is False
+    assert r.get(holder.keys.lock) == holder.token.encode()  # untouched
+    assert holder.release()
+
+
+def test_stale_holder_release_leaves_new_holders_lock_alone(r: redis.Redis, name: str) -> None:
+    stale = DistributedLock(r, name, timeout=0.2)
+    assert stale.acquire()
+    time.sleep(0.3)  # lease expires on the server
+    fresh = DistributedLock(r, name, timeout=5)
+    assert fresh.acquire(blocking=False)
+    assert stale.extend(5) is False and stale.lost
+    assert stale.release() is False
+    assert r.get(fresh.keys.lock) == fresh.token.encode()
+    assert fresh.release()
+
+
+def test_tokens_are_random_and_distinct(r: redis.Redis, name: str) -> None:
+    tokens = set()
+    for _ in range(50):
+        lock = DistributedLock(r, name)
+        lock.acquire()
+        tokens.add(lock.token)
+        lock.release()
+    assert len(tokens) == 50
+    assert all(len(bytes.fromhex(t)) >= 16 for t in tokens)  # >= 128 bits
+
+
+def test_acquire_while_holding_is_an_error(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name)
+    assert lock.acquire()
+    with pytest.raises(LockError, match="already held"):
+        lock.acquire()
+    assert lock.release()
+
+
+# -- 2. lease is server-side PX --------------------------------------------------
+
+
+def test_lease_is_server_side_expiry_and_value_is_only_the_token(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=2.5)
+    assert lock.acquire()
+    ttl = r.pttl(lock.keys.lock)
+    assert 2000 < ttl <= 2500
+    assert r.get(lock.keys.lock).decode() == lock.token  # no client timestamp stored
+    lock.release()
+
+
+def test_lock_expires_without_release(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=0.15)
+    assert lock.acquire()
+    time.sleep(0.25)
+    assert not lock.is_locked_by_anyone()
+    assert lock.lost  # lease ran out on the local clock
+    with pytest.raises(LockLost):
+        lock.ensure_held()
+
+
+# -- 3. fencing --------------------------------------------------------------------
+
+
+def test_fence_strictly_increases_across_owners(r: redis.Redis, name: str) -> None:
+    fences = []
+    for _ in range(5):
+        for _owner in range(2):
+            lock = DistributedLock(r, name)
+            assert lock.acquire()
+            fences.append(lock.fence)
+            lock.release()
+    assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    # The counter outlives the lock (no expiry), so fences never go backwards.
+    assert r.ttl(DistributedLock(r, name).keys.fence) == -1
+
+
+def test_fence_increases_after_expiry_takeover(r: redis.Redis, name: str) -> None:
+    first = DistributedLock(r, name, timeout=0.1)
+    first.acquire()
+    time.sleep(0.2)
+    second = DistributedLock(r, name)
+    second.acquire()
+    assert second.fence > first.fence
+    second.release()
+
+
+# -- 4. waiting ------------------------------------------------------------------
+
+
+def test_waiter_is_woken_by_release_not_by_retry_delay(r: redis.Redis, name: str) -> None:
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    waiter = DistributedLock(r, name, timeout=5, retry_delay=20, blocking_timeout=25)
+    threading.Timer(0.3, holder.release).start()
+    started = time.monotonic()
+    assert waiter.acquire()
+    waited = time.monotonic() - started
+    # Woken by the release at ~0.3 s, not by the 20 s retry delay nor the 30 s lease.
+    assert waited < 5, waited
+    waiter.release()
+
+
+def test_waiter_is_woken_by_expiry_without_release(r: redis.Redis, name: str) -> None:
+    holder = DistributedLock(r, name, timeout=0.5)
+    holder.acquire()  # never released: the holder "crashed"
+    waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=25)
+    started = time.monotonic()
+    assert waiter.acquire()
+    assert time.monotonic() - started < 10  # waited for the remaining lease, not 20 s
+    assert waiter.fence > holder.fence
+    waiter.release()
+
+
+def test_release_between_failed_attempt_and_subscribe_is_not_missed(
+    r: redis.Redis, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    original = ReleaseNotifier._subscribe
+
+    def release_first(self: ReleaseNotifier, channel: str) -> None:
+        holder.release()  # the release lands before the waiter's SUBSCRIBE
+        original(self, channel)
+
+    monkeypatch.setattr(ReleaseNotifier, "_subscribe", release_first)
+    waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=3)
+    assert waiter.acquire()  # the attempt after subscribing sees the lock free
+    waiter.release()
+
+
+def test_blocking_false_is_exactly_one_attempt(name: str, redis_url: str) -> None:
+    client = CountingRedis.from_url(redis_url)
+    holder = DistributedLock(client, name)
+    holder.acquire()
+    client.round_trips = 0
+    contender = DistributedLock(client, name, retry_times=5, blocking_timeout=5)
+    assert contender.acquire(blocking=False) is False
+    assert client.round_trips == 1
+    holder.release()
+
+
+def test_retry_times_bounds_attempts(r: redis.Redis, name: str) -> None:
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    contender = DistributedLock(r, name, retry_times=3, retry_delay=0.05)
+    started = time.monotonic()
+    assert contender.acquire() is False
+    assert time.monotonic() - started < 5
+    holder.release()
+
+
+def test_blocking_timeout_caps_total_wait(r: redis.Redis, name: str) -> None:
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    contender = DistributedLock(r, name, retry_delay=0.05, blocking_timeout=0.4)
+    started = time.monotonic()
+    assert contender.acquire() is False
+    waited = time.monotonic() - started
+    assert 0.35 <= waited < 5
+    holder.release()
+
+
+def test_waiters_share_one_subscription_connection(redis_url: str, name: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    holder = DistributedLock(client, name, timeout=30)
+    holder.acquire()
+    results: list[bool] = []
+    waiters = [
+        threading.Thread(
+            target=lambda: results.append(
+                DistributedLock(client, name, blocking_timeout=20, timeout=5).acquire()
+            )
+        )
+        for _ in range(6)
+    ]
+    for thread in waiters:
+        thread.start()
+    time.sleep(0.5)
+    channel = holder.keys.channel
+    assert client.pubsub_numsub(channel)[0][1] == 1  # one subscriber, not six
+    holder.release()
+    # each winner keeps its lock until expiry (5 s) - release them by key instead
+    deadline = time.monotonic() + 30
+    while len(results) < 6 and time.monotonic() < deadline:
+        client.delete(holder.keys.lock)
+        client.publish(channel, "1")
+        time.sleep(0.05)
+    for thread in waiters:
+        thread.join(5)
+    assert results == [True] * 6
+
+
+def test_context_manager_raises_lock_not_acquired(r: redis.Redis, name: str) -> None:
+    holder = DistributedLock(r, name)
+    holder.acquire()
+    with pytest.raises(LockNotAcquired) as info, DistributedLock(r, name):
+        pass
+    assert isinstance(info.value, RuntimeError)  # so `except RuntimeError` keeps working
+    assert name in str(info.value)
+    holder.release()
+
+
+def test_context_manager_releases_on_exception(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name)
+    with pytest.raises(ZeroDivisionError), lock:
+        1 / 0  # noqa: B018
+    assert not lock.is_locked_by_anyone()
+
+
+# -- extend ----------------------------------------------------------------------
+
+
+def test_extend_adds_and_replaces(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=2)
+    lock.acquire()
+    assert lock.extend(3)
+    assert 4000 < r.pttl(lock.keys.lock) <= 5000
+    assert lock.extend(1, replace=True)
+    assert 500 < r.pttl(lock.keys.lock) <= 1000
+    lock.release()
+
+
+def test_extend_is_capped_by_max_lease(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=2, max_lease=5)
+    lock.acquire()
+    for _ in range(10):
+        assert lock.extend(2)
+    assert r.pttl(lock.keys.lock) <= 5000
+    lock.release()
+
+
+def test_extend_of_unheld_lock_is_false(r: redis.Redis, name: str) -> None:
+    assert DistributedLock(r, name).extend(5) is False
+
+
+# -- 5. renewal ------------------------------------------------------------------
+
+
+def test_auto_renewal_holds_three_times_past_timeout(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=0.6, auto_renewal=True)
+    lock.acquire()
+    time.sleep(1.9)  # > 3x the lease
+    assert lock.is_locked_by_me()
+    assert not lock.lost
+    lock.ensure_held()
+    assert r.pttl(lock.keys.lock) <= 600  # renewal never grows the lease
+    other = DistributedLock(r, name)
+    assert other.acquire(blocking=False) is False
+    assert lock.release()
+
+
+def test_renewal_does_not_shorten_an_extended_lease(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=0.6, auto_renewal=True)
+    lock.acquire()
+    lock.extend(10)
+    time.sleep(0.8)
+    assert r.pttl(lock.keys.lock) > 5000
+    lock.release()
+
+
+def test_lost_when_key_deleted_behind_holder(r: redis.Redis, name: str) -> None:
+    calls: list[DistributedLock] = []
+    lost_event = threading.Event()
+
+    def on_lost(lock: DistributedLock) -> None:
+        calls.append(lock)
+        lost_event.set()
+
+    lock = DistributedLock(r, name, timeout=0.9, auto_renewal=True, on_lost=on_lost)
+    lock.acquire()
+    r.delete(lock.keys.lock)
+    assert lost_event.wait(2)  # found at the next renewal (every 0.3 s)
+    assert calls == [lock]
+    assert lock.lost
+    with pytest.raises(LockLost, match="lost"):
+        lock.ensure_held()
+    assert lock.release() is False
+
+
+def test_lost_when_key_taken_by_another_owner(r: redis.Redis, name: str) -> None:
+    lost_event = threading.Event()
+    lock = DistributedLock(r, name, timeout=0.9, auto_renewal=True, on_lost=lambda _l: lost_event.set())
+    lock.acquire()
+    r.set(lock.keys.lock, "somebody-else", px=5000)
+    assert lost_event.wait(2)
+    assert lock.release() is False
+    assert r.get(lock.keys.lock) == b"somebody-else"
+
+
+def test_on_lost_for_unrenewed_lock_when_lease_runs_out(r: redis.Redis, name: str) -> None:
+    lost_event = threading.Event()
+    lock = DistributedLock(r, name, timeout=0.3, on_lost=lambda _l: lost_event.set())
+    lock.acquire()
+    assert lost_event.wait(2)
+    assert lock.lost
+
+
+def test_one_watchdog_thread_renews_many_locks_in_one_round_trip_per_interval(
+    redis_url: str, name: str
+) -> None:
+    client = CountingRedis.from_url(redis_url)
+    locks = [DistributedLock(client, f"{name}-{i}", timeout=0.9, auto_renewal=True) for i in range(50)]
+    for lock in locks:
+        lock.acquire()
+    client.round_trips = 0
+    time.sleep(1.0)  # ~3 renewal intervals of 0.3 s
+    renew_trips = client.round_trips
+    watchdogs = [t for t in threading.enumerate() if t.name == "celery-dlock-watchdog"]
+    assert len(watchdogs) == 1
+    assert 1 <= renew_trips <= 5, renew_trips  # not 50 per interval
+    assert all(lock.is_locked_by_me() for lock in locks)
+    for lock in locks:
+        lock.release()
+    assert get_watchdog().tracked_count() == 0
+
+
+def test_renewal_stops_before_release(redis_url: str, name: str) -> None:
+    client = CountingRedis.from_url(redis_url)
+    lock = DistributedLock(client, name, timeout=0.3, auto_renewal=True)
+    lock.acquire()
+    time.sleep(0.35)
+    lock.release()
+    client.round_trips = 0
+    time.sleep(0.5)  # several renewal intervals
+    assert client.round_trips == 0  # no renewal after release
+    assert get_watchdog().tracked_count() == 0
+
+
+@pytest.mark.slow
+def test_lost_when_redis_is_stopped(own_redis) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    lost_at: list[float] = []
+    lock = DistributedLock(
+        client,
+        "survivor",
+        timeout=1.5,
+        auto_renewal=True,
+        on_lost=lambda _l: lost_at.append(time.monotonic()),
+    )
+    acquired_at = time.monotonic()
+    lock.acquire()
+    own_redis.kill()
+    killed_at = time.monotonic()
+    deadline = time.monotonic() + 5
+    while not lost_at and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lost_at, "holder was never told"
+    # Told no later than the lease could have run out on the server.
+    assert lost_at[0] <= max(acquired_at, killed_at) + 1.5 + 0.05
+    with pytest.raises(LockLost):
+        lock.ensure_held()
+    with pytest.raises(LockBackendUnavailable):
+        lock.release()
+
+
+# -- 6. keys -----------------------------------------------------------------------
+
+
+def test_all_keys_share_one_cluster_slot_and_prefix(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, prefix="myapp:locks:")
+    keys = lock.keys
+    assert keys.lock.startswith("myapp:locks:")
+    assert len({key_slot(k.encode()) for k in (keys.lock, keys.fence, keys.channel)}) == 1
+    lock.acquire()
+    assert r.exists(keys.lock) and r.exists(keys.fence)
+    lock.release()
+
+
+# -- 7. cost -----------------------------------------------------------------------
+
+
+def test_uncontended_acquire_and_release_are_one_round_trip_each(redis_url: str, name: str) -> None:
+    client = CountingRedis.from_url(redis_url)
+    lock = DistributedLock(client, name)
+    lock.acquire()  # loads the script once (EVALSHA -> NOSCRIPT -> EVAL) if needed
+    lock.release()
+    client.commands.clear()
+    client.round_trips = 0
+    lock.acquire()
+    assert client.round_trips == 1, client.commands
+    lock.release()
+    assert client.round_trips == 2, client.commands
+
+
+# -- unreachable server -------------------------------------------------------------
+
+
+def test_unreachable_redis_raises_naming_the_server() -> None:
+    from celery_dlock.embedded import free_port
+
+    port = free_port()
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    lock = DistributedLock(client, "nowhere")
+    with pytest.raises(LockBackendUnavailable, match=f"127.0.0.1:{port}"):
+        lock.acquire()
+    assert lock.token is None

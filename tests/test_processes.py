@@ -1,0 +1,86 @@
+"""Mutual exclusion across real processes, and fork safety of the watchdog."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_dlock import DistributedLock
+from celery_dlock.watchdog import get_watchdog
+from tests.support.holders import count_under_lock
+
+
+def check_intervals(logs: list[list[list[float]]]) -> list[list[float]]:
+    intervals = sorted((tuple(i) for log in logs for i in log), key=lambda i: i[0])
+    for before, after in itertools.pairwise(intervals):
+        assert before[1] <= after[0], f"overlapping holders: {before} and {after}"
+        assert before[2] < after[2], f"fence went backwards: {before} then {after}"
+    return [list(i) for i in intervals]
+
+
+@pytest.mark.parametrize("processes,rounds", [(4, 60)])
+def test_processes_increment_counter_exactly_without_overlap(
+    redis_url: str, name: str, tmp_path: Path, processes: int, rounds: int
+) -> None:
+    counter_key = f"counter-{uuid.uuid4().hex}"
+    ctx = multiprocessing.get_context("spawn")
+    logs = [tmp_path / f"holder-{i}.json" for i in range(processes)]
+    workers = [
+        ctx.Process(target=count_under_lock, args=(redis_url, name, counter_key, rounds, str(log)))
+        for log in logs
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    client = redis.Redis.from_url(redis_url)
+    assert int(client.get(counter_key)) == processes * rounds
+    intervals = check_intervals([json.loads(log.read_text()) for log in logs])
+    assert len(intervals) == processes * rounds
+    assert len({i[3] for i in intervals}) == processes
+
+
+def _child_after_fork(url: str, parent_lock_key: str, parent_token: str, name: str) -> int:
+    """Runs in a forked child; returns an exit code describing what went wrong (0: fine)."""
+    if get_watchdog().tracked_count() != 0:
+        return 10  # the child inherited the parent's schedule
+    client = redis.Redis.from_url(url)
+    own = DistributedLock(client, name, timeout=0.4, auto_renewal=True)
+    if not own.acquire():
+        return 11
+    time.sleep(1.2)  # 3x its lease: the child's own watchdog must renew it
+    if not own.is_locked_by_me() or own.lost:
+        return 12
+    own.release()
+    return 0
+
+
+@pytest.mark.slow
+def test_fork_child_starts_its_own_watchdog_and_does_not_renew_parents_locks(
+    redis_url: str, name: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    parent_lock = DistributedLock(client, name, timeout=0.6, auto_renewal=True)
+    assert parent_lock.acquire()
+    assert parent_lock.token is not None
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 99
+        try:
+            code = _child_after_fork(redis_url, parent_lock.keys.lock, parent_lock.token, name + "-child")
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's watchdog kept renewing the parent's lock meanwhile.
+    assert parent_lock.is_locked_by_me() and not parent_lock.lost
+    assert parent_lock.release()

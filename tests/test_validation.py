@@ -1,0 +1,80 @@
+"""Bad arguments: a clear error naming the parameter and the value, and nothing locked."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import redis
+
+from celery_dlock import DistributedLock
+
+BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"lock_name": ""}, ValueError, "lock_name.*''"),
+    ({"lock_name": 42}, TypeError, "lock_name.*42"),
+    ({"lock_name": None}, TypeError, "lock_name.*None"),
+    ({"lock_name": "x" * 5000}, ValueError, "lock_name.*at most 1024"),
+    ({"lock_name": "a{b}c"}, ValueError, "lock_name.*hash tag.*'a{b}c'"),
+    ({"timeout": 0}, ValueError, "timeout.*0"),
+    ({"timeout": -5}, ValueError, "timeout.*-5"),
+    ({"timeout": math.nan}, ValueError, "timeout.*nan"),
+    ({"timeout": math.inf}, ValueError, "timeout.*inf"),
+    ({"timeout": "30"}, TypeError, "timeout.*'30'"),
+    ({"timeout": True}, TypeError, "timeout.*True"),
+    ({"timeout": 0.0001}, ValueError, "timeout.*0.0001"),
+    ({"retry_times": -1}, ValueError, "retry_times.*-1"),
+    ({"retry_times": 1.5}, TypeError, "retry_times.*1.5"),
+    ({"retry_delay": -0.1}, ValueError, "retry_delay.*-0.1"),
+    ({"auto_renewal": "yes"}, TypeError, "auto_renewal.*'yes'"),
+    ({"timeout": 10, "renewal_interval": 10}, ValueError, "renewal_interval.*< timeout"),
+    ({"timeout": 10, "renewal_interval": 0}, ValueError, "renewal_interval.*0"),
+    ({"blocking_timeout": -1}, ValueError, "blocking_timeout.*-1"),
+    ({"blocking_timeout": math.nan}, ValueError, "blocking_timeout.*nan"),
+    ({"on_lost": "callback"}, TypeError, "on_lost.*'callback'"),
+    ({"prefix": "a{"}, ValueError, "prefix.*'a{'"),
+    ({"prefix": 3}, TypeError, "prefix.*3"),
+    ({"timeout": 10, "max_lease": 5}, ValueError, "max_lease.*5"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", BAD_OPTIONS)
+def test_bad_lock_options(
+    r: redis.Redis, options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    options = dict(options)
+    lock_name = options.pop("lock_name", "valid-name")
+    keys_before = set(r.keys("dlock:*"))
+    with pytest.raises(error, match=message):
+        DistributedLock(r, lock_name, **options)
+    assert set(r.keys("dlock:*")) == keys_before  # nothing was locked
+
+
+def test_bad_client() -> None:
+    with pytest.raises(TypeError, match="redis must be"):
+        DistributedLock("redis://localhost", "x")  # type: ignore[arg-type]
+
+
+def test_async_client_in_sync_lock() -> None:
+    import redis.asyncio
+
+    with pytest.raises(TypeError, match="celery_dlock.asyncio.DistributedLock"):
+        DistributedLock(redis.asyncio.Redis(), "x")
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda lock: lock.acquire(blocking="no"), TypeError, "blocking.*'no'"),
+        (lambda lock: lock.extend(-1), ValueError, "additional_time.*-1"),
+        (lambda lock: lock.extend(math.nan), ValueError, "additional_time.*nan"),
+        (lambda lock: lock.extend(1, replace="yes"), TypeError, "replace.*'yes'"),
+    ],
+)
+def test_bad_method_arguments(
+    r: redis.Redis, name: str, call: Any, error: type[Exception], message: str
+) -> None:
+    lock = DistributedLock(r, name)
+    with pytest.raises(error, match=message):
+        call(lock)
+    assert not lock.is_locked_by_anyone()
