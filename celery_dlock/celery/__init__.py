@@ -1,0 +1,1 @@
+"""Celery integration of celery-dlock (requires ``pip install celery-dlock[celery]``)."""

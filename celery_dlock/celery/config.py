@@ -1,0 +1,57 @@
+"""App-wide settings of the Celery layer, read from ``app.conf`` (lower-case, ``dlock_`` prefix).
+
+Shared by :mod:`celery_dlock.celery` (tasks) and :mod:`celery_dlock.beat`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from celery_dlock.connection import check_redis_url, client_options, redis_url_from_env
+from celery_dlock.keys import DEFAULT_PREFIX, check_prefix
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _setting(conf: Any, name: str, default: Any = None) -> Any:
+    try:
+        value = conf.get(name, default)
+    except AttributeError:
+        value = getattr(conf, name, default)
+    return default if value is None else value
+
+
+def lock_redis_url(conf: Any) -> str:
+    """``dlock_redis_url``, else the broker URL when it is Redis, else ``REDIS_URL``/``REDIS_HOST``..."""
+    url = _setting(conf, "dlock_redis_url")
+    if url:
+        return check_redis_url(url, "dlock_redis_url")
+    broker = _setting(conf, "broker_url") or ""
+    if isinstance(broker, str):
+        first = broker.split(";")[0].strip()
+        if first.startswith(REDIS_SCHEMES):
+            return first
+    return redis_url_from_env()
+
+
+def lock_prefix(conf: Any) -> str:
+    return check_prefix(_setting(conf, "dlock_prefix", DEFAULT_PREFIX))
+
+
+_clients: dict[tuple[int, str], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def redis_client_for_app(app: Any) -> Any:
+    """One redis-py client per process and lock URL for ``app`` (fork-safe: keyed by pid)."""
+    import redis
+
+    url = lock_redis_url(app.conf)
+    key = (os.getpid(), url)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = redis.Redis.from_url(url, **client_options())
+        return client
