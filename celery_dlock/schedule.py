@@ -1,0 +1,145 @@
+"""The renewal schedule: which held locks are due, which are lost, when to wake next.
+
+This is the I/O-free heart of the watchdog, shared by the sync watchdog (a
+thread) and the asyncio one (a task per event loop); each only adds waiting
+and the pipelined round trip. Callers serialize access (a lock, or the loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_dlock.lease import LockCore
+
+# After a failed renewal, try again after this long (capped by the interval).
+RETRY_AFTER_ERROR = 0.25
+IDLE_WAKE = 3600.0
+
+
+@dataclass
+class _Entry:
+    lock: LockCore
+    renew: bool
+    next_renewal: float
+
+
+@dataclass
+class Batch:
+    """Renewals to send in one pipeline to one client."""
+
+    client_id: int
+    client: Any
+    locks: list[tuple[LockCore, str]]  # (lock, token at planning time)
+
+    def calls(self) -> list[tuple[list[str], list[Any]]]:
+        """(KEYS, ARGV) of the EXTEND script in 'renew' mode for each lock."""
+        return [
+            ([lock.keys.lock], [token, lock.options.timeout_ms, "renew", 0]) for lock, token in self.locks
+        ]
+
+
+@dataclass
+class Plan:
+    lost: list[LockCore] = field(default_factory=list)  # newly lost: call _notify_lost on each
+    batches: list[Batch] = field(default_factory=list)  # send these now
+    wake_at: float = 0.0  # look again at this monotonic time (or when told of a change)
+
+
+class RenewalSchedule:
+    """Tracks held locks; decides renewals and losses. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}
+        self._in_flight: set[int] = set()
+        self._busy_clients: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def track(self, lock: LockCore, now: float) -> None:
+        renew = lock.options.auto_renewal
+        self._entries[id(lock)] = _Entry(lock, renew, now + lock.options.renewal_interval)
+
+    def untrack(self, lock: LockCore) -> None:
+        self._entries.pop(id(lock), None)
+
+    def in_flight(self, lock: LockCore) -> bool:
+        return id(lock) in self._in_flight
+
+    def plan(self, now: float) -> Plan:
+        """Mark leases that ran out as lost and collect the renewals due now.
+
+        When one lock of a client is due, its other locks that are at least
+        half-way to due ride in the same pipeline, so renewals align into one
+        round trip per interval instead of one per acquisition moment.
+        """
+        plan = Plan(wake_at=now + IDLE_WAKE)
+        due_clients = {
+            id(_client(e.lock)) for e in self._entries.values() if e.renew and e.next_renewal <= now
+        }
+        batches: dict[int, Batch] = {}
+        for key, entry in list(self._entries.items()):
+            lock = entry.lock
+            if now >= lock.trusted_until:
+                reason = (
+                    "no renewal reached Redis before the lease ran out"
+                    if entry.renew
+                    else "its lease ran out (auto_renewal is off)"
+                )
+                if lock._mark_lost(reason):
+                    plan.lost.append(lock)
+                del self._entries[key]
+                continue
+            plan.wake_at = min(plan.wake_at, lock.trusted_until)
+            if not entry.renew or key in self._in_flight:
+                continue
+            client = _client(lock)
+            client_id = id(client)
+            nearly_due = entry.next_renewal - now <= lock.options.renewal_interval / 2
+            token = lock.token
+            if client_id in due_clients and nearly_due and client_id not in self._busy_clients and token:
+                batch = batches.setdefault(client_id, Batch(client_id, client, []))
+                batch.locks.append((lock, token))
+            else:
+                plan.wake_at = min(plan.wake_at, entry.next_renewal)
+        for batch in batches.values():
+            self._busy_clients.add(batch.client_id)
+            self._in_flight.update(id(lock) for lock, _ in batch.locks)
+            plan.batches.append(batch)
+        return plan
+
+    def complete(
+        self,
+        batch: Batch,
+        replies: Sequence[Any] | None,
+        error: BaseException | None,
+        sent_at: float,
+        now: float,
+    ) -> list[LockCore]:
+        """Apply a batch's replies (or its error); returns the locks newly found lost."""
+        lost: list[LockCore] = []
+        self._busy_clients.discard(batch.client_id)
+        for index, (lock, _token) in enumerate(batch.locks):
+            self._in_flight.discard(id(lock))
+            entry = self._entries.get(id(lock))
+            if entry is None or entry.lock is not lock:
+                continue  # released while the renewal was on the wire
+            reply: Any = error if error is not None or replies is None else replies[index]
+            if isinstance(reply, BaseException) or reply is None:
+                entry.next_renewal = now + min(RETRY_AFTER_ERROR, lock.options.renewal_interval)
+                continue
+            lease_ms = int(reply)
+            if lease_ms < 0:
+                if lock._mark_lost("renewal found the lock expired or owned by another token"):
+                    lost.append(lock)
+                del self._entries[id(lock)]
+                continue
+            lock._renewed(lease_ms, sent_at)
+            entry.next_renewal = sent_at + lock.options.renewal_interval
+        return lost
+
+
+def _client(lock: LockCore) -> Any:
+    return lock.redis  # type: ignore[attr-defined]
