@@ -51,7 +51,7 @@ def distributed_lock(lock_name: str, redis: Any = None, **options: Any) -> Itera
         yield lock
 
 
-def _lock_name_for(
+def lock_name_for(
     func: Callable[..., Any], name: str | None
 ) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
     if name is None:
@@ -86,7 +86,7 @@ def distributed_lock_decorator(name: Any = None, redis: Any = None, **options: A
     LockOptions.build("validation", **options)  # bad options fail at decoration time
 
     def decorate(func: F) -> F:
-        lock_name = _lock_name_for(func, name)
+        lock_name = lock_name_for(func, name)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

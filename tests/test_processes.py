@@ -9,13 +9,14 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from celery_dlock import DistributedLock
 from celery_dlock.watchdog import get_watchdog
-from tests.support.holders import count_under_lock
+from tests.support.holders import async_count_under_lock, count_under_lock
 
 
 def check_intervals(logs: list[list[list[float]]]) -> list[list[float]]:
@@ -26,16 +27,19 @@ def check_intervals(logs: list[list[list[float]]]) -> list[list[float]]:
     return [list(i) for i in intervals]
 
 
-@pytest.mark.parametrize("processes,rounds", [(4, 60)])
+@pytest.mark.parametrize(
+    "holder,processes,rounds",
+    [(count_under_lock, 4, 60), (async_count_under_lock, 3, 60)],
+    ids=["sync", "asyncio"],
+)
 def test_processes_increment_counter_exactly_without_overlap(
-    redis_url: str, name: str, tmp_path: Path, processes: int, rounds: int
+    redis_url: str, name: str, tmp_path: Path, holder: Any, processes: int, rounds: int
 ) -> None:
     counter_key = f"counter-{uuid.uuid4().hex}"
     ctx = multiprocessing.get_context("spawn")
     logs = [tmp_path / f"holder-{i}.json" for i in range(processes)]
     workers = [
-        ctx.Process(target=count_under_lock, args=(redis_url, name, counter_key, rounds, str(log)))
-        for log in logs
+        ctx.Process(target=holder, args=(redis_url, name, counter_key, rounds, str(log))) for log in logs
     ]
     for worker in workers:
         worker.start()
@@ -84,3 +88,40 @@ def test_fork_child_starts_its_own_watchdog_and_does_not_renew_parents_locks(
     # The parent's watchdog kept renewing the parent's lock meanwhile.
     assert parent_lock.is_locked_by_me() and not parent_lock.lost
     assert parent_lock.release()
+
+
+def _async_child_after_fork(url: str, name: str) -> int:
+    import asyncio
+
+    import redis.asyncio
+
+    from celery_dlock.asyncio import DistributedLock as AsyncLock
+    from celery_dlock.asyncio.watchdog import get_watchdog as get_async_watchdog
+
+    async def main() -> int:
+        if get_async_watchdog().tracked_count() != 0:
+            return 20
+        client = redis.asyncio.Redis.from_url(url)
+        lock = AsyncLock(client, name, timeout=0.4, auto_renewal=True)
+        if not await lock.acquire():
+            return 21
+        await asyncio.sleep(1.2)
+        ok = await lock.is_locked_by_me() and not lock.lost
+        await lock.release()
+        await client.aclose()
+        return 0 if ok else 22
+
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_fork_child_runs_its_own_asyncio_watchdog(redis_url: str, name: str) -> None:
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            code = _async_child_after_fork(redis_url, name)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

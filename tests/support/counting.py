@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+import redis.asyncio
 from redis.client import Pipeline
 
 
@@ -31,5 +32,26 @@ class CountingRedis(redis.Redis):
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
         pipe = CountingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.counter = self  # type: ignore[attr-defined]
+        return pipe
+
+
+class CountingAsyncPipeline(redis.asyncio.client.Pipeline):
+    async def execute(self, raise_on_error: bool = True) -> Any:
+        self.counter.round_trips += 1  # type: ignore[attr-defined]
+        return await super().execute(raise_on_error)
+
+
+class CountingAsyncRedis(redis.asyncio.Redis):
+    """The asyncio twin of CountingRedis."""
+
+    round_trips = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.round_trips += 1
+        return await super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = CountingAsyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
         pipe.counter = self  # type: ignore[attr-defined]
         return pipe

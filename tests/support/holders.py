@@ -30,3 +30,35 @@ def count_under_lock(url: str, name: str, counter_key: str, rounds: int, log_pat
             intervals.append((start, end, lock.fence, os.getpid()))
     with open(log_path, "w") as fh:
         json.dump(intervals, fh)
+
+
+def async_count_under_lock(url: str, name: str, counter_key: str, rounds: int, log_path: str) -> None:
+    """The asyncio twin: three coroutines per process share the rounds, one lock object each time."""
+    import asyncio
+
+    import redis.asyncio
+
+    from celery_dlock.asyncio import DistributedLock as AsyncLock
+
+    intervals: list[tuple[float, float, int | None, int]] = []
+
+    async def worker(client: redis.asyncio.Redis, count: int) -> None:
+        for _ in range(count):
+            lock = AsyncLock(client, name, timeout=10, blocking_timeout=60)
+            async with lock:
+                start = time.monotonic()
+                value = int(await client.get(counter_key) or 0)
+                await asyncio.sleep(0.0005)
+                await client.set(counter_key, value + 1)
+                intervals.append((start, time.monotonic(), lock.fence, os.getpid()))
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(url)
+        share = [rounds // 3] * 3
+        share[0] += rounds - sum(share)
+        await asyncio.gather(*(worker(client, n) for n in share))
+        await client.aclose()
+
+    asyncio.run(main())
+    with open(log_path, "w") as fh:
+        json.dump(intervals, fh)

@@ -1,0 +1,257 @@
+"""The asyncio Redis lease lock: :class:`celery_dlock.DistributedLock`, name for name, awaitable.
+
+Shares its state and every decision with the sync lock
+(:class:`celery_dlock.lease.LockCore`); only the round trips differ.
+
+Cancellation: the script calls run in their own tasks, shielded from the
+caller's cancellation. A cancelled ``acquire`` schedules a token-checked
+release of whatever it may have taken; a cancelled ``release`` keeps the token
+until the call resolves, so a lock whose key still exists is never forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError
+
+from celery_dlock.errors import LockError, LockNotAcquired
+from celery_dlock.keys import DEFAULT_PREFIX
+from celery_dlock.lease import AcquireReply, AttemptPlan, LockCore, check_extension, trusted_until
+from celery_dlock.lock import backend_error
+from celery_dlock.options import LockOptions, check_bool, to_millis
+from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
+
+from .notify import notifier_for
+from .watchdog import get_watchdog
+
+logger = logging.getLogger("celery_dlock")
+
+# Tasks that must outlive a cancelled caller (cleanup releases), kept referenced.
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+async def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return await client.eval(script.source, len(keys), *keys, *args)
+
+
+def check_async_client(client: object) -> Any:
+    import redis.asyncio
+
+    if not isinstance(client, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):
+        if callable(getattr(client, "evalsha", None)):
+            raise TypeError(
+                "redis must be a redis.asyncio client; for a synchronous redis.Redis client use "
+                f"celery_dlock.DistributedLock (got {client!r})"
+            )
+        raise TypeError(f"redis must be a redis.asyncio.Redis or RedisCluster client, got {client!r}")
+    return client
+
+
+class DistributedLock(LockCore):
+    """The asyncio lock; see :class:`celery_dlock.DistributedLock` for the parameters.
+
+    >>> async with DistributedLock(redis.asyncio.Redis(), "reports:daily", auto_renewal=True) as lock:
+    ...     await write_report(fence=lock.fence)
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        lock_name: str,
+        timeout: float = 30,
+        retry_times: int = 0,
+        retry_delay: float = 0.1,
+        auto_renewal: bool = False,
+        renewal_interval: float | None = None,
+        blocking_timeout: float | None = None,
+        on_lost: Callable[[DistributedLock], object] | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_lease: float | None = None,
+    ) -> None:
+        options = LockOptions.build(
+            lock_name,
+            timeout=timeout,
+            retry_times=retry_times,
+            retry_delay=retry_delay,
+            auto_renewal=auto_renewal,
+            renewal_interval=renewal_interval,
+            blocking_timeout=blocking_timeout,
+            on_lost=on_lost,
+            prefix=prefix,
+            max_lease=max_lease,
+        )
+        super().__init__(options)
+        self.redis = check_async_client(redis)
+
+    # -- acquire -------------------------------------------------------------------
+
+    async def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; True on success. Same attempts and waiting as the sync lock."""
+        check_bool("blocking", blocking)
+        token = self._start_attempt()
+        plan = AttemptPlan(self.options, blocking, time.monotonic())
+        reply = await self._attempt(token)
+        if reply.acquired:
+            return True
+        if not plan.may_retry(time.monotonic()):
+            return False
+        async with notifier_for(self.redis).watch(self.keys.channel) as released:
+            reply = await self._attempt(token)
+            while not reply.acquired:
+                wait = plan.next_wait(reply, time.monotonic())
+                if wait is None:
+                    return False
+                try:
+                    await asyncio.wait_for(released.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                released.clear()
+                reply = await self._attempt(token)
+        return True
+
+    async def _attempt(self, token: str) -> AcquireReply:
+        sent_at = time.monotonic()
+        call = _spawn(
+            run_script(
+                self.redis, ACQUIRE, [self.keys.lock, self.keys.fence], [token, self.options.timeout_ms]
+            )
+        )
+        try:
+            reply = AcquireReply.parse(await asyncio.shield(call))
+        except asyncio.CancelledError:
+            # The script may still run (or have run): release whatever it takes.
+            _spawn(self._abandon(token, call))
+            raise
+        except RedisError as exc:
+            _spawn(self._abandon(token, call))
+            raise backend_error(self.redis, "acquire", self.name, exc) from exc
+        if reply.acquired:
+            assert reply.fence is not None
+            self._acquired(token, reply.fence, sent_at)
+            if self.options.auto_renewal or self.options.on_lost is not None:
+                get_watchdog().track(self)
+        return reply
+
+    async def _abandon(self, token: str, call: Awaitable[Any]) -> None:
+        try:
+            await call
+        except BaseException:
+            pass
+        get_watchdog().untrack_now(self)
+        try:
+            await run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token])
+        except Exception as exc:
+            logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
+        if self._token == token:
+            self._forget()
+
+    # -- release -------------------------------------------------------------------
+
+    async def release(self) -> bool:
+        """Release the lock if this object holds it; False (never a delete) otherwise."""
+        token = self._token
+        if token is None:
+            return False
+        await get_watchdog().untrack(self, wait=self.options.timeout)
+        call = _spawn(run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token]))
+        try:
+            released = bool(await asyncio.shield(call))
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._released_in_background(token, done))
+            raise
+        except RedisError as exc:
+            raise backend_error(self.redis, "release", self.name, exc) from exc
+        self._finish_release(token, released)
+        return released
+
+    def _released_in_background(self, token: str, call: asyncio.Task[Any]) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return  # outcome unknown: keep the token so a later release can still work
+        self._finish_release(token, bool(call.result()))
+
+    def _finish_release(self, token: str, released: bool) -> None:
+        if not released and self._mark_lost("at release it had expired or been taken over"):
+            self._notify_lost()
+        if self._token == token:
+            self._forget()
+
+    # -- extend and queries ------------------------------------------------------
+
+    async def extend(self, additional_time: float, replace: bool = False) -> bool:
+        """Add ``additional_time`` seconds to the remaining lease (``replace=True``: set it)."""
+        lease_ms = check_extension(additional_time, replace)
+        token = self._token
+        if token is None or self._lost:
+            return False
+        cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
+        sent_at = time.monotonic()
+        try:
+            result = int(
+                await run_script(
+                    self.redis, EXTEND, [self.keys.lock], [token, lease_ms, "set" if replace else "add", cap]
+                )
+            )
+        except RedisError as exc:
+            raise backend_error(self.redis, "extend", self.name, exc) from exc
+        if result < 0:
+            if self._mark_lost("extend found the lock expired or owned by another token"):
+                get_watchdog().untrack_now(self)
+                self._notify_lost()
+            return False
+        self._trusted_until = trusted_until(sent_at, result)
+        return True
+
+    async def is_locked_by_anyone(self) -> bool:
+        """Whether any owner holds this lock name right now (one round trip)."""
+        try:
+            return bool(await self.redis.exists(self.keys.lock))
+        except RedisError as exc:
+            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+
+    async def is_locked_by_me(self) -> bool:
+        """Whether the lock in Redis holds this object's token (one round trip)."""
+        token = self._token
+        if token is None:
+            return False
+        try:
+            return bool(await run_script(self.redis, IS_OWNER, [self.keys.lock], [token]))
+        except RedisError as exc:
+            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+
+    # -- context manager -----------------------------------------------------------
+
+    async def __aenter__(self) -> DistributedLock:
+        if not await self.acquire():
+            raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.release()
+        except LockError:
+            if exc is None:
+                raise
+            logger.exception("release of lock %r failed while handling %r", self.name, exc)

@@ -1,0 +1,135 @@
+"""One renewal watchdog task per event loop for every auto-renewed lock (asyncio side).
+
+The asyncio twin of :mod:`celery_dlock.watchdog`, driving the same
+:class:`~celery_dlock.schedule.RenewalSchedule`. Each batch's pipeline runs in
+its own task, so a hung connection never delays declaring a lease lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+from typing import Any
+
+from celery_dlock.lease import LockCore
+from celery_dlock.schedule import Batch, RenewalSchedule
+from celery_dlock.scripts import EXTEND, Script
+
+logger = logging.getLogger("celery_dlock")
+
+
+async def run_script_batch(
+    client: Any, script: Script, calls: list[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """Run ``script`` once per (keys, args) in one pipeline; errors come back as exception objects."""
+    from redis.exceptions import NoScriptError
+
+    for _ in range(2):
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, NoScriptError) for r in results):
+            return results
+        await client.script_load(script.source)
+    return results
+
+
+class AsyncRenewalWatchdog:
+    """Renews every tracked lock of one event loop."""
+
+    def __init__(self) -> None:
+        self._schedule = RenewalSchedule()
+        self._changed = asyncio.Event()
+        self._batch_done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._io_tasks: set[asyncio.Task[None]] = set()
+
+    def track(self, lock: LockCore) -> None:
+        self._schedule.track(lock, time.monotonic())
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="celery-dlock-watchdog")
+        self._changed.set()
+
+    async def untrack(self, lock: LockCore, wait: float) -> None:
+        """Stop renewing ``lock``; waits (up to ``wait`` s) for a renewal already on the wire."""
+        self._schedule.untrack(lock)
+        deadline = time.monotonic() + wait
+        while self._schedule.in_flight(lock):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._batch_done.clear()
+            try:
+                await asyncio.wait_for(self._batch_done.wait(), left)
+            except asyncio.TimeoutError:
+                break
+
+    def untrack_now(self, lock: LockCore) -> None:
+        self._schedule.untrack(lock)
+
+    def tracked_count(self) -> int:
+        return len(self._schedule)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                now = time.monotonic()
+                plan = self._schedule.plan(now)
+                for lock in plan.lost:
+                    lock._notify_lost()
+                for batch in plan.batches:
+                    task = asyncio.get_running_loop().create_task(self._renew(batch))
+                    self._io_tasks.add(task)
+                    task.add_done_callback(self._io_tasks.discard)
+                if plan.lost or plan.batches:
+                    continue
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, plan.wake_at - now))
+                except asyncio.TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the watchdog die silently
+                logger.exception("celery-dlock asyncio watchdog tick failed; continuing")
+                await asyncio.sleep(0.25)
+
+    async def _renew(self, batch: Batch) -> None:
+        sent_at = time.monotonic()
+        error: Exception | None = None
+        replies: list[Any] | None = None
+        try:
+            replies = await run_script_batch(batch.client, EXTEND, batch.calls())
+        except Exception as exc:
+            error = exc
+        lost = self._schedule.complete(batch, replies, error, sent_at, time.monotonic())
+        self._batch_done.set()
+        self._changed.set()
+        if error is not None:
+            logger.warning("renewal of %d lock(s) failed, will retry: %r", len(batch.locks), error)
+        for lock in lost:
+            lock._notify_lost()
+
+
+_watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRenewalWatchdog]
+_watchdogs = weakref.WeakKeyDictionary()
+
+
+def get_watchdog() -> AsyncRenewalWatchdog:
+    """The watchdog of the running event loop."""
+    loop = asyncio.get_running_loop()
+    watchdog = _watchdogs.get(loop)
+    if watchdog is None:
+        watchdog = _watchdogs[loop] = AsyncRenewalWatchdog()
+    return watchdog
+
+
+def _forget_in_child() -> None:
+    _watchdogs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
