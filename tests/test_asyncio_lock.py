@@ -318,3 +318,52 @@ def test_lost_when_redis_is_stopped(own_redis) -> None:  # type: ignore[no-untyp
             await lock.release()
 
     asyncio.run(body())
+
+
+def test_lease_is_server_side_px(redis_url: str, name: str) -> None:
+    async def body(r: redis.asyncio.Redis) -> None:
+        lock = DistributedLock(r, name, timeout=2.5)
+        await lock.acquire()
+        assert 2000 < await r.pttl(lock.keys.lock) <= 2500
+        assert (await r.get(lock.keys.lock)).decode() == lock.token
+        await lock.release()
+
+    run(redis_url, body)
+
+
+def test_release_between_failed_attempt_and_subscribe_is_not_missed(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_dlock.asyncio.notify import AsyncReleaseNotifier
+
+    async def body(r: redis.asyncio.Redis) -> None:
+        holder = DistributedLock(r, name, timeout=30)
+        await holder.acquire()
+        original = AsyncReleaseNotifier._subscribe
+
+        async def release_first(self: AsyncReleaseNotifier, channel: str) -> None:
+            await holder.release()  # lands before the waiter's SUBSCRIBE
+            await original(self, channel)
+
+        monkeypatch.setattr(AsyncReleaseNotifier, "_subscribe", release_first)
+        waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=3)
+        assert await waiter.acquire()
+        await waiter.release()
+
+    run(redis_url, body)
+
+
+def test_renewal_stops_before_release(redis_url: str, name: str) -> None:
+    async def body(_: redis.asyncio.Redis) -> None:
+        client = CountingAsyncRedis.from_url(redis_url)
+        lock = DistributedLock(client, name, timeout=0.3, auto_renewal=True)
+        await lock.acquire()
+        await asyncio.sleep(0.35)
+        await lock.release()
+        client.round_trips = 0
+        await asyncio.sleep(0.5)
+        assert client.round_trips == 0
+        assert get_watchdog().tracked_count() == 0
+        await client.aclose()
+
+    run(redis_url, body)
