@@ -6,6 +6,7 @@ integration lives in :mod:`celery_dlock.celery`.
 
 from celery_dlock.convenience import distributed_lock, distributed_lock_decorator, get_redis
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockLost, LockNotAcquired
+from celery_dlock.fencing import fenced_get, fenced_set
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lock import DistributedLock
 
@@ -19,6 +20,8 @@ __all__ = [
     "LockNotAcquired",
     "distributed_lock",
     "distributed_lock_decorator",
+    "fenced_get",
+    "fenced_set",
     "get_redis",
 ]
 

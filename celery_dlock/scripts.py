@@ -93,4 +93,21 @@ return 0
 """,
 )
 
-ALL_SCRIPTS = (ACQUIRE, RELEASE, EXTEND, IS_OWNER)
+
+# KEYS[1] a hash holding a protected value and the highest fence that wrote it;
+# ARGV[1] fence, ARGV[2] value. Refuses (returns {0, highest}) a write whose fence
+# is lower than the highest seen, so a holder that lost its lock while paused
+# cannot overwrite what a later holder wrote. Returns {1, fence} when written.
+FENCED_SET = Script(
+    "fenced_set",
+    """
+local highest = tonumber(redis.call('HGET', KEYS[1], 'fence') or '-1')
+local fence = tonumber(ARGV[1])
+if fence < highest then
+  return {0, highest}
+end
+redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'value', ARGV[2])
+return {1, fence}
+""",
+)
+ALL_SCRIPTS = (ACQUIRE, RELEASE, EXTEND, IS_OWNER, FENCED_SET)
