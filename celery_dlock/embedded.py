@@ -62,7 +62,11 @@ class RedisServer:
     """
 
     def __init__(
-        self, port: int | None = None, extra_args: Sequence[str] = (), binary: str | None = None
+        self,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        binary: str | None = None,
+        probe_url: str | None = None,
     ) -> None:
         self.binary = binary or find_redis_server()
         if self.binary is None:
@@ -72,6 +76,7 @@ class RedisServer:
             )
         self.port = port or free_port()
         self.extra_args = list(extra_args)
+        self._probe_url = probe_url  # how to PING it (password, TLS); "{port}" is filled in
         self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="celery-dlock-redis-")
 
@@ -109,7 +114,8 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited at start (see {self._dir}/redis.log)")
-            if is_reachable(self.url, timeout=0.2):
+            probe = self._probe_url.format(port=self.port) if self._probe_url else self.url
+            if is_reachable(probe, timeout=0.2):
                 return self
             time.sleep(0.02)
         self.stop()

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.connection import describe_server
@@ -40,6 +40,8 @@ def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) ->
 def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
     """Turn a redis-py error into ours, naming the server and what we were doing."""
     where = describe_server(client)
+    if isinstance(exc, AuthenticationError):
+        return LockError(f"cannot {action} lock {name!r}: Redis at {where} refused the credentials ({exc})")
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return LockBackendUnavailable(
             f"cannot {action} lock {name!r}: Redis at {where} is unreachable ({exc})"
