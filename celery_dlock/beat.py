@@ -56,7 +56,7 @@ from celery.schedules import schedstate
 from celery.schedules import schedule as interval_schedule
 from redis.exceptions import RedisError
 
-from celery_dlock.celery.config import lock_prefix, redis_client_for_app
+from celery_dlock.celery.config import lock_prefix, lock_redis_url, redis_client_for_app
 from celery_dlock.errors import LockError
 from celery_dlock.keys import check_name
 from celery_dlock.lock import DistributedLock, run_script
@@ -289,6 +289,7 @@ class LockedScheduler(PersistentScheduler):  # type: ignore[misc]
         self.lease = beat_lease(app.conf)
         self.lock_name = beat_lock_name(app)
         self.lock_prefix = lock_prefix(app.conf)
+        lock_redis_url(app.conf)  # a malformed URL fails here, not at the first tick
         self.renew_every = self.lease / RENEWALS_PER_LEASE
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self._lock: DistributedLock | None = None
@@ -484,7 +485,7 @@ class LockedScheduler(PersistentScheduler):  # type: ignore[misc]
                 [token, claimant, tick.ttl_ms],
             )
         except RedisError as exc:
-            self._warn("beat: not publishing %r (tick %s): cannot claim it: %r", tick.entry, tick.label, exc)
+            self._warn("beat: not publishing %r (tick %s): cannot claim it: %s", tick.entry, tick.label, exc)
             return None
         status = int(status)
         if status == 1:

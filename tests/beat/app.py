@@ -1,7 +1,8 @@
 """The Celery app the beat tests run as real ``celery beat`` and ``celery worker`` processes.
 
 Configured from the environment so every test run gets its own Redis keys and queue:
-``DLOCK_TEST_REDIS_URL`` (broker and lock store), ``DLOCK_TEST_PREFIX`` (``dlock_prefix``
+``DLOCK_TEST_REDIS_URL`` (broker, executions list, and lock store unless
+``DLOCK_TEST_LOCK_URL`` names another server), ``DLOCK_TEST_PREFIX`` (``dlock_prefix``
 and the executions list), ``DLOCK_TEST_QUEUE``, ``DLOCK_TEST_LEASE`` (``dlock_beat_lease``),
 ``DLOCK_TEST_SCHEDULE`` (``fast``: one entry every second; ``slow``: one entry every hour,
 with beat's default 300 s loop interval).
@@ -18,6 +19,7 @@ import redis
 from celery import Celery
 
 REDIS_URL = os.environ.get("DLOCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+LOCK_URL = os.environ.get("DLOCK_TEST_LOCK_URL") or REDIS_URL
 PREFIX = os.environ.get("DLOCK_TEST_PREFIX", "dlock-beat-test:")
 QUEUE = os.environ.get("DLOCK_TEST_QUEUE", "dlock-beat-test")
 LEASE = float(os.environ.get("DLOCK_TEST_LEASE", "3"))
@@ -32,7 +34,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 app = Celery("dlock_beat_test", broker=REDIS_URL)
 app.conf.update(
     task_default_queue=QUEUE,
-    dlock_redis_url=REDIS_URL,
+    dlock_redis_url=LOCK_URL,
     dlock_prefix=PREFIX,
     dlock_beat_lease=LEASE,
     beat_schedule=SCHEDULES[SCHEDULE],

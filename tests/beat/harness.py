@@ -75,6 +75,7 @@ class BeatCluster:
     redis_url: str
     workdir: Path
     lease: float = 3.0
+    lock_url: str = ""  # lock store when it is not the broker's server
     prefix: str = field(default_factory=lambda: f"dlock-beat-test-{uuid.uuid4().hex[:12]}:")
     procs: list[Proc] = field(default_factory=list)
 
@@ -97,6 +98,7 @@ class BeatCluster:
             DLOCK_TEST_PREFIX=self.prefix,
             DLOCK_TEST_QUEUE=self.queue,
             DLOCK_TEST_LEASE=str(self.lease),
+            DLOCK_TEST_LOCK_URL=self.lock_url,
             DLOCK_TEST_SCHEDULE=schedule,
             PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             PYTHONUNBUFFERED="1",

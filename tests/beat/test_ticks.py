@@ -183,3 +183,9 @@ def test_loop_interval_is_capped_to_a_third_of_the_lease_without_touching_redis(
         assert "leader lease -> dlock:{beat:ticks} (30s" in real.info
     finally:
         real.close()
+
+
+def test_malformed_lock_store_url_fails_at_construction(app: Celery, tmp_path: Path) -> None:
+    app.conf.dlock_redis_url = "http://127.0.0.1:6379"
+    with pytest.raises(ValueError, match="dlock_redis_url"):
+        LockedScheduler(app=app, schedule_filename=str(tmp_path / "s"), lazy=True)

@@ -1,0 +1,183 @@
+"""LockedScheduler objects driven tick by tick in this process, on real Redis (lock store and broker).
+
+Publishing is real: messages land in a Redis broker list, counted with LLEN and read
+back to check their headers. Several scheduler objects stand for several beat processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.schedules import crontab
+
+from celery_dlock.beat import LockedScheduler, scheduled_tick
+
+UTC = timezone.utc
+LEASE = 3.0
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    prefix = f"dlock-beat-inproc-{uuid.uuid4().hex[:12]}:"
+    app = Celery("inproc", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        timezone="UTC",
+        enable_utc=True,
+        dlock_redis_url=redis_url,
+        dlock_prefix=prefix,
+        dlock_beat_lease=LEASE,
+        task_default_queue=f"{prefix}queue",
+        beat_schedule={},
+        result_expires=None,  # no celery.backend_cleanup entry
+    )
+    yield app
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+    app.close()
+
+
+@pytest.fixture
+def make(app: Celery, tmp_path: Path) -> Iterator[Callable[..., LockedScheduler]]:
+    made: list[LockedScheduler] = []
+
+    def make(name: str, last_run_at: datetime | None = None) -> LockedScheduler:
+        sched = LockedScheduler(app=app, schedule_filename=str(tmp_path / name))
+        assert set(sched.schedule) == set(app.conf.beat_schedule)
+        if last_run_at is not None:
+            for entry in sched.schedule.values():
+                entry.last_run_at = last_run_at
+        made.append(sched)
+        return sched
+
+    yield make
+    for sched in made:
+        sched.close()
+
+
+def queue(app: Celery) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(app.conf.dlock_redis_url)
+    try:
+        return [json.loads(raw) for raw in client.lrange(app.conf.task_default_queue, 0, -1)]
+    finally:
+        client.close()
+
+
+def lock_key(app: Celery) -> str:
+    return f"{app.conf.dlock_prefix}{{beat:inproc}}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    "sched",
+    [timedelta(days=1), crontab(minute=0, hour=4)],
+    ids=["daily-interval", "daily-crontab"],
+)
+def test_new_leader_with_stale_state_skips_the_tick_the_old_leader_published(
+    app: Celery, make: Callable[..., LockedScheduler], caplog: pytest.LogCaptureFixture, sched: Any
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_dlock.beat")
+    app.conf.beat_schedule = {"daily": {"task": "reports.daily", "schedule": sched}}
+    first = make("first", last_run_at=now() - timedelta(days=2))
+    assert first.tick() == 0  # became leader and published the due tick
+    assert first.is_leader
+    messages = queue(app)
+    assert len(messages) == 1
+    headers = messages[0]["headers"]
+    expected = scheduled_tick(first.schedule["daily"], now())
+    if headers["dlock_beat_tick"] != expected.label:
+        pytest.skip("the daily tick changed during the test (run at midnight / 04:00 UTC)")
+    assert headers["dlock_beat_entry"] == "daily"
+    assert headers["dlock_beat_fence"] == first.fence
+    assert headers["celery_beat_task"] is True
+
+    first.close()  # clean shutdown: the lease is released at once
+    second = make("second", last_run_at=now() - timedelta(days=5))  # never ran it: due at once
+    assert second.tick() == 0
+    assert second.is_leader and second.fence is not None and second.fence > headers["dlock_beat_fence"]
+    assert len(queue(app)) == 1, "the new leader published a tick that was already published"
+    assert f"skipped duplicate tick of 'daily' scheduled at {expected.label}" in caplog.text
+    # The skipped tick counts as run: the entry is not retried on the next ticks.
+    assert second.tick() > 0
+    assert len(queue(app)) == 1
+
+
+def test_claim_by_a_deposed_leader_is_refused_and_it_steps_down_without_raising(
+    app: Celery, make: Callable[..., LockedScheduler], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_dlock.beat")
+    app.conf.beat_schedule = {"hourly": {"task": "reports.hourly", "schedule": 3600.0}}
+    leader = make("leader")
+    assert leader.tick() > 0  # leads; nothing due yet
+    assert leader.is_leader
+    old_fence = leader.fence
+    client = redis.Redis.from_url(redis_url)
+    client.set(lock_key(app), "intruder", px=2000)  # another owner takes the lease over
+
+    leader.schedule["hourly"].last_run_at = now() - timedelta(hours=3)
+    leader._heap = None
+    assert leader.tick() == 0  # the due entry's claim is refused server-side
+    assert not leader.is_leader
+    assert queue(app) == []
+    assert "lost leadership" in caplog.text
+    assert client.get(lock_key(app)) == b"intruder"  # the step-down did not delete it
+
+    assert leader.tick() == 0  # standby: waits one slice (lease/3) for the lease, no error
+    assert not leader.is_leader
+    client.delete(lock_key(app))
+    leader.tick()
+    assert leader.is_leader and leader.fence is not None and leader.fence > (old_fence or 0)
+    client.close()
+
+
+def test_renewal_keeps_the_lease_and_notices_a_takeover(
+    app: Celery, make: Callable[..., LockedScheduler], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_dlock.beat")
+    app.conf.beat_schedule = {"hourly": {"task": "reports.hourly", "schedule": 3600.0}}
+    leader = make("leader")
+    wait = leader.tick()
+    assert leader.is_leader
+    assert 0 < wait <= LEASE / 3  # beat wakes before the renewal is due
+    client = redis.Redis.from_url(redis_url)
+    leader._next_renewal = 0.0  # renewal due now
+    leader.tick()
+    assert leader.is_leader
+    assert client.pttl(lock_key(app)) > (LEASE - 0.5) * 1000
+    client.set(lock_key(app), "intruder", px=2000)
+    leader._next_renewal = 0.0
+    leader.tick()
+    assert not leader.is_leader
+    assert "lost leadership" in caplog.text and "renewal found the lease expired" in caplog.text
+    client.close()
+
+
+def test_standby_does_not_publish_and_takes_over_when_the_leader_closes(
+    app: Celery, make: Callable[..., LockedScheduler]
+) -> None:
+    app.conf.beat_schedule = {"often": {"task": "reports.often", "schedule": 3600.0}}
+    leader = make("leader")
+    standby = make("standby", last_run_at=now() - timedelta(days=1))  # would be due at once
+    leader.tick()
+    assert leader.is_leader
+    assert standby.tick() == 0  # one wait slice, then back to beat's loop
+    assert not standby.is_leader
+    assert queue(app) == []
+    leader.close()
+    standby.tick()
+    assert standby.is_leader
+    assert [m["headers"]["dlock_beat_entry"] for m in queue(app)] == ["often"]
