@@ -32,6 +32,9 @@ CLOCK_DRIFT_MARGIN = 0.002
 
 TOKEN_BYTES = 16  # 128 bits from os.urandom
 
+# A blocking waiter that cannot reach Redis tries again after at least this long.
+MIN_WAIT_AFTER_ERROR = 0.05
+
 
 def new_token() -> str:
     """A fresh owner token: 128 random bits from the OS, hex-encoded."""
@@ -46,11 +49,18 @@ def trusted_until(sent_at: float, lease_ms: int) -> float:
 
 @dataclass(frozen=True)
 class AcquireReply:
-    """What one acquire attempt answered."""
+    """What one acquire attempt answered (or the error that kept it from answering)."""
 
     acquired: bool
     fence: int | None = None
     remaining_ms: int | None = None  # lease left on the other holder's lock; -1: no expiry
+    error: LockError | None = None  # Redis unreachable: a blocking waiter keeps trying
+
+    def give_up(self) -> bool:
+        """What acquire returns when no attempt is left: False, or the last error raised."""
+        if self.error is not None:
+            raise self.error
+        return False
 
     @classmethod
     def parse(cls, reply: Any) -> AcquireReply:
@@ -66,6 +76,9 @@ class AttemptPlan:
     ``blocking=False``: exactly one attempt. ``blocking=True``: ``1 + retry_times``
     attempts; with a ``blocking_timeout`` the waiter keeps trying until that
     deadline instead (a non-zero ``retry_times`` still caps the attempts).
+    An attempt that cannot reach Redis counts as a failed attempt (the waiter
+    keeps trying through a short outage); if the last attempt failed that way,
+    acquire raises its error instead of returning False.
     Between attempts it waits at most ``retry_delay`` seconds, at most the other
     holder's remaining lease (expiry wakes nobody, so the waiter must look again
     by then) and never past the deadline; a release notification ends the wait
@@ -98,6 +111,8 @@ class AttemptPlan:
             return None
         self._attempts_left -= 1
         wait = self._retry_delay
+        if reply.error is not None:
+            wait = max(wait, MIN_WAIT_AFTER_ERROR)  # Redis unreachable: do not spin
         if reply.remaining_ms is not None and reply.remaining_ms >= 0:
             # +1 ms: look again just after the server has expired the key.
             wait = min(wait, reply.remaining_ms / 1000.0 + 0.001)

@@ -118,13 +118,13 @@ class DistributedLock(LockCore):
         if reply.acquired:
             return True
         if not plan.may_retry(time.monotonic()):
-            return False
+            return reply.give_up()
         with notifier_for(self.redis).watch(self.keys.channel) as released:
             reply = self._attempt(token)
             while not reply.acquired:
                 wait = plan.next_wait(reply, time.monotonic())
                 if wait is None:
-                    return False
+                    return reply.give_up()
                 released.wait(wait)
                 released.clear()
                 reply = self._attempt(token)
@@ -150,9 +150,13 @@ class DistributedLock(LockCore):
             # The script may have run even though we never saw its reply (timeout,
             # interrupt): never leave a lock behind that nobody owns.
             self._abandon(token)
-            if isinstance(exc, RedisError):
-                raise backend_error(self.redis, "acquire", self.name, exc) from exc
-            raise
+            if not isinstance(exc, RedisError):
+                raise
+            error = backend_error(self.redis, "acquire", self.name, exc)
+            if not isinstance(error, LockBackendUnavailable):
+                raise error from exc
+            error.__cause__ = exc
+            return AcquireReply(acquired=False, error=error)
 
     def _abandon(self, token: str) -> None:
         get_watchdog().untrack(self, wait=0)

@@ -48,6 +48,7 @@ class ReleaseNotifier:
     def watch(self, channel: str, confirm_timeout: float = CONFIRM_TIMEOUT) -> Iterator[threading.Event]:
         """Subscribe to ``channel`` for the duration of the block; yields an Event set on each release."""
         wake = threading.Event()
+        subscribed = True
         with self._mutex:
             waiters = self._waiters.setdefault(channel, set())
             if not waiters:
@@ -56,10 +57,12 @@ class ReleaseNotifier:
                     self._subscribe(channel)
                 except Exception as exc:  # Redis down: the waiter falls back to its timer.
                     logger.debug("subscribe to %s failed: %r", channel, exc)
+                    subscribed = False
             confirmed = self._confirmed[channel]
             waiters.add(wake)
         try:
-            confirmed.wait(confirm_timeout)
+            if subscribed:
+                confirmed.wait(confirm_timeout)
             yield wake
         finally:
             with self._mutex:

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from celery_dlock.errors import LockError, LockNotAcquired
+from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import AcquireReply, AttemptPlan, LockCore, check_extension, trusted_until
 from celery_dlock.lock import backend_error
@@ -112,13 +112,13 @@ class DistributedLock(LockCore):
         if reply.acquired:
             return True
         if not plan.may_retry(time.monotonic()):
-            return False
+            return reply.give_up()
         async with notifier_for(self.redis).watch(self.keys.channel) as released:
             reply = await self._attempt(token)
             while not reply.acquired:
                 wait = plan.next_wait(reply, time.monotonic())
                 if wait is None:
-                    return False
+                    return reply.give_up()
                 try:
                     await asyncio.wait_for(released.wait(), wait)
                 except asyncio.TimeoutError:
@@ -142,7 +142,11 @@ class DistributedLock(LockCore):
             raise
         except RedisError as exc:
             _spawn(self._abandon(token, call))
-            raise backend_error(self.redis, "acquire", self.name, exc) from exc
+            error = backend_error(self.redis, "acquire", self.name, exc)
+            if not isinstance(error, LockBackendUnavailable):
+                raise error from exc
+            error.__cause__ = exc
+            return AcquireReply(acquired=False, error=error)
         if reply.acquired:
             assert reply.fence is not None
             self._acquired(token, reply.fence, sent_at)

@@ -48,13 +48,16 @@ class AsyncReleaseNotifier:
             self._confirmed[channel] = asyncio.Event()
         confirmed = self._confirmed[channel]
         try:
+            subscribed = True
             if first:
                 try:
                     await self._subscribe(channel)
                 except Exception as exc:  # Redis down: the waiter falls back to its timer.
                     logger.debug("subscribe to %s failed: %r", channel, exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(confirmed.wait(), confirm_timeout)
+                    subscribed = False
+            if subscribed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(confirmed.wait(), confirm_timeout)
             yield wake
         finally:
             waiters.discard(wake)
