@@ -78,3 +78,91 @@ def test_bad_method_arguments(
     with pytest.raises(error, match=message):
         call(lock)
     assert not lock.is_locked_by_anyone()
+
+
+@pytest.mark.parametrize("options,error,message", BAD_OPTIONS)
+def test_bad_asyncio_lock_options(
+    r: redis.Redis, options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    import redis.asyncio
+
+    from celery_dlock.asyncio import DistributedLock as AsyncLock
+
+    options = dict(options)
+    lock_name = options.pop("lock_name", "valid-name")
+    keys_before = set(r.keys("dlock:*"))
+    with pytest.raises(error, match=message):
+        AsyncLock(redis.asyncio.Redis(), lock_name, **options)
+    assert set(r.keys("dlock:*")) == keys_before
+
+
+@pytest.mark.parametrize(
+    "url,error,message",
+    [
+        ("http://localhost:6379", ValueError, "url.*'http://localhost:6379'"),
+        ("localhost:6379", ValueError, "url.*'localhost:6379'"),
+        (6379, TypeError, "url.*6379"),
+    ],
+)
+def test_bad_urls(url: Any, error: type[Exception], message: str) -> None:
+    from celery_dlock import get_redis
+    from celery_dlock.asyncio import get_redis as get_async_redis
+
+    with pytest.raises(error, match=message):
+        get_redis(url)
+    with pytest.raises(error, match=message):
+        get_async_redis(url)
+
+
+def test_bad_env_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_dlock import get_redis
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("REDIS_PORT", "sixtythree")
+    with pytest.raises(ValueError, match="REDIS_PORT.*'sixtythree'"):
+        get_redis()
+
+
+def test_unreachable_host_names_it() -> None:
+    from celery_dlock import LockBackendUnavailable
+
+    client = redis.Redis(host="no-such-host.invalid", port=6390, socket_connect_timeout=0.5)
+    with pytest.raises(LockBackendUnavailable, match="no-such-host.invalid:6390"):
+        DistributedLock(client, "x").acquire()
+
+
+@pytest.mark.parametrize(
+    "template,error,message",
+    [
+        ("order:{customer}", ValueError, "'customer'"),
+        ("order:{0}", ValueError, "must name arguments"),
+        ("order:{", ValueError, "malformed"),
+        ("order:{}", ValueError, "must name arguments"),
+    ],
+)
+def test_bad_name_templates(template: str, error: type[Exception], message: str) -> None:
+    from celery_dlock import distributed_lock_decorator
+
+    with pytest.raises(error, match=message):
+
+        @distributed_lock_decorator(template)
+        def process(order_id: int) -> None: ...
+
+
+def test_template_value_with_braces_is_refused_and_nothing_locked(r: redis.Redis) -> None:
+    from celery_dlock import distributed_lock_decorator
+
+    @distributed_lock_decorator("order:{order_id}", redis=r)
+    def process(order_id: str) -> None: ...
+
+    keys_before = set(r.keys("dlock:*"))
+    with pytest.raises(ValueError, match="hash tag.*'order:a}b'"):
+        process("a}b")
+    assert set(r.keys("dlock:*")) == keys_before
+
+
+def test_decorator_name_of_wrong_type() -> None:
+    from celery_dlock import distributed_lock_decorator
+
+    with pytest.raises(TypeError, match="name must be a str.*42"):
+        distributed_lock_decorator(42)
