@@ -32,6 +32,10 @@ CLOCK_DRIFT_MARGIN = 0.002
 
 TOKEN_BYTES = 16  # 128 bits from os.urandom
 
+# Release waits at most this long for a renewal already on the wire to come back
+# (a late renewal is harmless anyway: it is token-checked and finds no key).
+RENEWAL_DRAIN_WAIT = 2.0
+
 # A blocking waiter that cannot reach Redis tries again after at least this long.
 MIN_WAIT_AFTER_ERROR = 0.05
 

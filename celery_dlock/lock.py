@@ -20,7 +20,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX
-from celery_dlock.lease import AcquireReply, AttemptPlan, LockCore, check_extension, trusted_until
+from celery_dlock.lease import (
+    RENEWAL_DRAIN_WAIT,
+    AcquireReply,
+    AttemptPlan,
+    LockCore,
+    check_extension,
+    trusted_until,
+)
 from celery_dlock.notify import notifier_for
 from celery_dlock.options import LockOptions, check_bool, to_millis
 from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
@@ -179,7 +186,7 @@ class DistributedLock(LockCore):
         token = self._token
         if token is None:
             return False
-        get_watchdog().untrack(self, wait=self.options.timeout)
+        get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
             released = bool(run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token]))
         except RedisError as exc:

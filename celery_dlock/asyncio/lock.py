@@ -22,7 +22,14 @@ from redis.exceptions import NoScriptError, RedisError
 
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX
-from celery_dlock.lease import AcquireReply, AttemptPlan, LockCore, check_extension, trusted_until
+from celery_dlock.lease import (
+    RENEWAL_DRAIN_WAIT,
+    AcquireReply,
+    AttemptPlan,
+    LockCore,
+    check_extension,
+    trusted_until,
+)
 from celery_dlock.lock import backend_error
 from celery_dlock.options import LockOptions, check_bool, to_millis
 from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
@@ -174,7 +181,7 @@ class DistributedLock(LockCore):
         token = self._token
         if token is None:
             return False
-        await get_watchdog().untrack(self, wait=self.options.timeout)
+        await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         call = _spawn(run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token]))
         try:
             released = bool(await asyncio.shield(call))
