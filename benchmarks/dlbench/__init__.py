@@ -1,0 +1,1 @@
+"""celery-dlock benchmark suite (see benchmarks/README.md)."""
