@@ -26,3 +26,15 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The Celery layer is imported on first use only, so the core works without Celery.
+_CELERY_NAMES = {"install", "LockedTask"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _CELERY_NAMES:
+        from celery_dlock import celery as celery_layer
+
+        return getattr(celery_layer, name)
+    raise AttributeError(f"module 'celery_dlock' has no attribute {name!r}")
+

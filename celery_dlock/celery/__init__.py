@@ -1,1 +1,34 @@
-"""Celery integration of celery-dlock (requires ``pip install celery-dlock[celery]``)."""
+"""Celery integration of celery-dlock (requires ``pip install celery-dlock[celery]``).
+
+* :class:`LockedTask`: ``@app.task(base=LockedTask, lock_key=..., on_contention=...)``.
+* :func:`install`: the same locking for tasks with another base class (signal mode).
+* Policies for ``on_contention``: :class:`Skip`, :class:`Retry`, :class:`Wait`, :class:`Fail`.
+* :func:`current_lock`: the lock of the running task body (``self.lock`` in LockedTask).
+* Signals: :mod:`celery_dlock.celery.signals`.
+
+See docs/celery.md.
+"""
+
+from celery_dlock.celery.errors import TaskSkipped
+from celery_dlock.celery.install import install
+from celery_dlock.celery.policies import Fail, Retry, Skip, Wait
+from celery_dlock.celery.runner import current_lock
+from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
+from celery_dlock.celery.task import LockedTask
+from celery_dlock.celery.tasklock import TaskLock
+
+__all__ = [
+    "Fail",
+    "LockedTask",
+    "Retry",
+    "Skip",
+    "TaskLock",
+    "TaskSkipped",
+    "Wait",
+    "current_lock",
+    "install",
+    "lock_acquired",
+    "lock_contended",
+    "lock_lost",
+    "lock_released",
+]

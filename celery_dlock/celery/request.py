@@ -1,0 +1,150 @@
+"""The worker's main process frees the lock of a pool process that died mid-task.
+
+When a pool child is SIGKILLed (OOM killer, ``kill -9``), hits the hard time
+limit, or is ended by ``revoke(terminate=True)``, no code runs in the child
+after that, so its ``finally`` and ``task_postrun`` never release the lock.
+The worker's main process does learn about it: billiard reports the job as
+failed with ``WorkerLostError``/``Terminated``/``TimeLimitExceeded`` and Celery
+calls the request's ``on_failure`` (and ``on_timeout``) *in the main process*.
+
+Celery lets a task choose its request class (``Task.Request``). Ours, built on
+whatever class the task used before, releases the lock there: it recomputes the
+lock name from the request's arguments and deletes the lock only if its token
+says it is held by exactly this task id, node and child pid
+(:data:`celery_dlock.celery.tasklock.RELEASE_OWNED_BY`). It first makes sure
+the child is really gone (a hard time limit is reported just *before* billiard
+kills the child), polling for up to ``lock_timeout`` in a small thread. If the
+whole worker dies instead, the lease simply runs out, ``lock_timeout`` after the
+last renewal.
+
+Release happens before Celery's own handling (which may requeue an ``acks_late``
+message), so the redelivered message finds the lock free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[import-untyped]
+from celery.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
+from celery.worker.request import Request
+
+from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.signals import lock_released
+from celery_dlock.celery.tasklock import Owner, release_owned_by
+from celery_dlock.keys import LockKeys
+
+logger = logging.getLogger("celery_dlock.celery")
+
+#: Failures reported by the main process that mean the pool process is gone (or being killed).
+PROCESS_ENDED = (WorkerLostError, Terminated, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
+POLL_INTERVAL = 0.05
+
+
+def process_gone(pid: int) -> bool:
+    """Whether our child ``pid`` has exited (a zombie counts as exited; it runs no code)."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is not None:
+        try:
+            return waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True  # already reaped by billiard
+        except OSError:
+            pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def release_abandoned(request: Any, exc: BaseException) -> None:
+    """Release the lock held by the (dead or dying) pool process that ran ``request``."""
+    task = request.task
+    config = getattr(task, "_dlock_config", None)
+    pid = getattr(request, "worker_pid", None)
+    if config is None or not pid or pid == os.getpid():
+        return  # not a locked task, never started, or ran in this process (threads/solo pools)
+    try:
+        name = config.key.name_for(request.args or (), request.kwargs or {})
+    except Exception as error:
+        logger.warning("cannot compute the lock of %s[%s] to release it: %r", task.name, request.id, error)
+        return
+    owner = Owner(str(request.id), str(request.hostname), int(pid))
+    keys = LockKeys.for_name(name, config.prefix)
+    reason = f"pool process {pid} ended ({type(exc).__name__})"
+    if process_gone(pid):
+        _release(task, keys, name, owner, reason)
+        return
+    deadline = time.monotonic() + config.timeout
+
+    def release_when_gone() -> None:
+        while time.monotonic() < deadline:
+            if process_gone(pid):
+                _release(task, keys, name, owner, reason)
+                return
+            time.sleep(POLL_INTERVAL)
+        logger.warning(
+            "pool process %s of %s[%s] is still alive %.1fs after %r; leaving its lock %r to its lease",
+            pid, task.name, request.id, config.timeout, exc, name,
+        )
+
+    threading.Thread(target=release_when_gone, name="celery-dlock-abandoned", daemon=True).start()
+
+
+def _release(task: Any, keys: LockKeys, name: str, owner: Owner, reason: str) -> None:
+    try:
+        released = release_owned_by(redis_client_for_app(task.app), keys.lock, keys.channel, owner)
+    except Exception as error:
+        logger.warning(
+            "could not release lock %r of %s[%s] (%s): %r", name, task.name, owner.task_id, reason, error
+        )
+        return
+    if released:
+        logger.warning("released lock %r of %s[%s]: %s", name, task.name, owner.task_id, reason)
+    lock_released.send(
+        sender=task, task_id=owner.task_id, key=name, fence=None, released=released, reason=reason
+    )
+
+
+_classes: dict[type, type] = {}
+_classes_lock = threading.Lock()
+
+
+def locked_request_class(base: type) -> type:
+    """A subclass of the request class ``base`` that frees locks of dead pool processes."""
+    with _classes_lock:
+        existing = _classes.get(base)
+        if existing is not None:
+            return existing
+
+        class LockedRequest(base):  # type: ignore[misc]
+            def on_failure(
+                self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+            ) -> Any:
+                exc = exc_info.exception
+                if isinstance(exc, ExceptionWithTraceback):
+                    exc = exc.exc
+                if isinstance(exc, PROCESS_ENDED):
+                    release_abandoned(self, exc)
+                return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+            def on_timeout(self, soft: bool, timeout: float) -> Any:
+                result = super().on_timeout(soft, timeout)
+                if not soft:
+                    release_abandoned(self, TimeLimitExceeded(timeout))
+                return result
+
+        LockedRequest.__qualname__ = LockedRequest.__name__ = f"Locked{base.__name__}"
+        _classes[base] = LockedRequest
+        return LockedRequest
+
+
+#: The request class of :class:`celery_dlock.celery.LockedTask` (``Task.Request``).
+LockedRequest = locked_request_class(Request)

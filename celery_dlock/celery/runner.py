@@ -1,0 +1,434 @@
+"""Running a task body under its lock: the heart of both :class:`LockedTask` and signal mode.
+
+Order of events for one run in a worker:
+
+1. Just before the body, in the process that runs it, the lock is taken
+   (:meth:`Acquisition.acquire`). If another run holds it, the contention
+   policy decides: skip, re-queue (retry), wait, or fail.
+2. The body runs; the core watchdog renews the lease every ``lock_timeout/3``.
+3. After the body, in *every* outcome (success, exception, ``self.retry()``,
+   ``Ignore``, ``Reject``), the lock is released from Celery's ``task_postrun``
+   signal, which ``celery.app.trace`` sends in a ``finally`` after the result is
+   stored (``after_return`` is skipped for RETRY/IGNORED/REJECTED; postrun is not).
+   Releasing after the result is stored matters: a redelivered copy of the same
+   message that waited for this run sees its final state and does not run again.
+
+Two special cases:
+
+* **The holder has our own task id.** That is an earlier delivery of this very
+  message (broker redelivery while it still runs, or a pool process that died
+  and whose lease has not run out yet), or the earlier run of ``self.retry()``
+  that has not released yet. Skipping or failing would overwrite the real run's
+  result, so the run waits for that holder whatever the policy, then runs only
+  if the earlier delivery did not finish (its state is not SUCCESS/FAILURE/REVOKED).
+* **Called in-process** (``task(...)``, ``task.apply()``, ``task_always_eager``):
+  there is no queue to re-publish to, so policies act in the caller: ``skip``
+  raises :class:`TaskSkipped`, ``fail`` raises :class:`LockNotAcquired`,
+  ``retry`` waits in the caller for the same backoff schedule (woken early by a
+  release), ``wait`` waits. The lock is held for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+from celery import states
+from celery.exceptions import Ignore
+from celery.exceptions import Retry as CeleryRetry
+from celery.signals import task_postrun
+from redis.exceptions import RedisError
+
+from celery_dlock.celery import dedup
+from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.errors import TaskSkipped
+from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
+from celery_dlock.celery.settings import TaskLockConfig
+from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
+from celery_dlock.celery.tasklock import Owner, TaskLock
+from celery_dlock.errors import LockError, LockNotAcquired
+from celery_dlock.keys import LockKeys
+from celery_dlock.lock import DistributedLock, backend_error
+
+logger = logging.getLogger("celery_dlock.celery")
+
+T = TypeVar("T")
+
+#: Request attribute holding the :class:`ActiveRun` that ``task_postrun`` releases.
+ACTIVE_ATTR = "_dlock_active"
+#: Message header counting lock retries (separate from Celery's ``retries``).
+LOCK_RETRIES_HEADER = "dlock_lock_retries"
+#: Longest sleep between two attempts of a waiter that hears no release
+#: notification (a notification ends the sleep at once; an expiring holder is
+#: looked at again when its lease ends, whatever this says).
+WAIT_POLL = 1.0
+
+_current_lock: contextvars.ContextVar[TaskLock | None] = contextvars.ContextVar("dlock_current", default=None)
+
+
+def current_lock() -> TaskLock | None:
+    """The lock of the locked task body running in this thread (None outside one, or when run unlocked)."""
+    return _current_lock.get()
+
+
+@dataclass
+class ActiveRun:
+    task: Any
+    config: TaskLockConfig
+    lock: TaskLock
+    client: Any
+    acquired_at: float
+
+
+class _BackendDown(Exception):
+    """Internal: Redis could not be reached while deciding about the lock."""
+
+    def __init__(self, error: LockError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def run_locked(
+    task: Any,
+    config: TaskLockConfig,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    body: Callable[[], T],
+) -> T:
+    """Run ``body`` (the task body for this call) under the call's lock; see the module docstring."""
+    request = task.request
+    if not request.called_directly and getattr(request, ACTIVE_ATTR, None) is not None:
+        return body()  # the body called itself in-process: it already holds this run's lock
+    client = redis_client_for_app(task.app)
+    acquisition = Acquisition(task, config, client, args, kwargs, request)
+    lock = acquisition.acquire()
+    if lock is None:  # Redis unreachable and lock_on_redis_error="run"
+        return body()
+    active = ActiveRun(task, config, lock, client, time.monotonic())
+    token = _current_lock.set(lock)
+    if request.called_directly:
+        # A plain call: no task_postrun will follow, so release here.
+        try:
+            return body()
+        finally:
+            _current_lock.reset(token)
+            finish_run(active)
+    setattr(request, ACTIVE_ATTR, active)
+    try:
+        return body()
+    finally:
+        _current_lock.reset(token)
+
+
+class Acquisition:
+    """Takes the lock for one run, applying the contention policy when it is held."""
+
+    def __init__(
+        self,
+        task: Any,
+        config: TaskLockConfig,
+        client: Any,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        request: Any,
+    ) -> None:
+        self.task = task
+        self.config = config
+        self.client = client
+        self.request = request
+        self.in_process = bool(request.called_directly or request.is_eager)
+        task_id = request.id if not request.called_directly else None
+        self.task_id: str = task_id or f"direct-{uuid.uuid4().hex}"
+        self.owner = Owner.current(self.task_id, request.hostname)
+        self.name = config.key.name_for(args, kwargs)
+        self.keys = LockKeys.for_name(self.name, config.prefix)
+        self.started = time.monotonic()
+
+    # -- the decision ---------------------------------------------------------------
+
+    def acquire(self) -> TaskLock | None:
+        try:
+            lock = self._attempt(None)
+            if lock is not None:
+                return self._acquired(lock)
+            holder = self._holder()
+            if holder is not None and holder.task_id == self.task_id and not self.in_process:
+                return self._wait_for_earlier_delivery()
+            return self._contended(self.config.policy, holder)
+        except _BackendDown as down:
+            return self._backend_down(down.error)
+
+    def _contended(self, policy: Policy, holder: Owner | None) -> TaskLock:
+        if isinstance(policy, Wait):
+            self._announce(holder, "wait", f"waiting up to {policy.timeout:g}s")
+            lock = self._attempt(policy.timeout) if policy.timeout else None
+            if lock is not None:
+                return self._acquired(lock)
+            holder = self._holder()
+            assert policy.then is not None and not isinstance(policy.then, (str, Wait))
+            policy = policy.then
+        if isinstance(policy, Retry):
+            if self.in_process:
+                return self._retry_here(policy, holder)
+            self._requeue(policy, holder)
+        if isinstance(policy, Skip):
+            self._skip(holder)
+        self._fail(holder)
+
+    def _wait_for_earlier_delivery(self) -> TaskLock:
+        self._announce(
+            Owner(self.task_id, "", 0), "wait-own",
+            "an earlier delivery of this same task id holds the lock; waiting for it to end",
+        )
+        while True:
+            lock = self._attempt(self.config.timeout)
+            if lock is not None:
+                break
+            holder = self._holder()
+            if holder is None or holder.task_id != self.task_id:
+                return self._contended(self.config.policy, holder)
+        state = self._stored_state()
+        if state in states.READY_STATES:
+            logger.info(
+                "%s[%s]: the earlier delivery of this task id already ended with %s; "
+                "not running it again", self.task.name, self.task_id, state,
+            )
+            finish_run(ActiveRun(self.task, self.config, lock, self.client, time.monotonic()), "duplicate")
+            raise Ignore()
+        return self._acquired(lock)
+
+    def _backend_down(self, error: LockError) -> TaskLock | None:
+        if self.config.on_redis_error == "run":
+            logger.warning(
+                "%s[%s] runs WITHOUT its lock %r: %s (lock_on_redis_error='run')",
+                self.task.name, self.task_id, self.name, error,
+            )
+            return None
+        logger.warning(
+            "%s[%s]: cannot take lock %r (%s); treating it as held (lock_on_redis_error='contention')",
+            self.task.name, self.task_id, self.name, error,
+        )
+        policy: Policy = self.config.policy
+        if isinstance(policy, Wait):
+            assert policy.then is not None and not isinstance(policy.then, (str, Wait))
+            policy = policy.then  # waiting for a release from a server we cannot reach is pointless
+        if isinstance(policy, Retry) and not self.in_process:
+            self._requeue(policy, None, cause=error)
+        if isinstance(policy, Skip):
+            self._skip(None, cause=error)
+        self._fail(None, cause=error)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _acquired(self, lock: TaskLock) -> TaskLock:
+        # A run that got its lock starts a fresh count of lock retries, so a later
+        # self.retry() message does not inherit this run's count.
+        self.request.__dict__.pop(LOCK_RETRIES_HEADER, None)
+        if isinstance(self.request.headers, dict):
+            self.request.headers.pop(LOCK_RETRIES_HEADER, None)
+        waited = time.monotonic() - self.started
+        if self.config.dedup_on_publish and not self.in_process:
+            dedup.drop_queued(self.client, self.keys, self.task_id)  # hand the marker over to the run lock
+        logger.debug(
+            "%s[%s] acquired lock %r (fence %s) after %.3fs",
+            self.task.name, self.task_id, self.name, lock.fence, waited,
+        )
+        lock_acquired.send(
+            sender=self.task, task_id=self.task_id, key=self.name, fence=lock.fence, waited=waited
+        )
+        return lock
+
+    def _skip(self, holder: Owner | None, cause: LockError | None = None) -> NoReturn:
+        who = f"task {holder.task_id}" if holder else "another owner"
+        reason = f"Redis unreachable: {cause}" if cause else f"lock {self.name!r} is held by {who}"
+        message = f"skipped {self.task.name}[{self.task_id}]: {reason}"
+        self._announce(holder, "skip", reason)
+        exc = TaskSkipped(message, holder.task_id if holder else None, self.name)
+        if self.in_process:
+            raise exc from cause
+        self._drop_marker()
+        # Store the outcome ourselves and end with Ignore: the result is a FAILURE
+        # carrying TaskSkipped (so get() raises it at once), but the worker does not
+        # log it as an error nor call errbacks for a duplicate that was meant to go.
+        store = not _ignores_result(self.task, self.request) or bool(self.task.store_errors_even_if_ignored)
+        self.task.backend.mark_as_failure(
+            self.task_id, exc, request=self.request, store_result=store, call_errbacks=False
+        )
+        raise Ignore(message)
+
+    def _fail(
+        self, holder: Owner | None, cause: LockError | None = None, retries: int | None = None
+    ) -> NoReturn:
+        who = f"task {holder.task_id}" if holder else "another owner"
+        if cause is not None:
+            reason = f"cannot reach Redis to take lock {self.name!r}: {cause}"
+        else:
+            reason = f"lock {self.name!r} is held by {who}"
+        if retries is not None:
+            reason += f" (gave up after {retries} lock retries)"
+        self._announce(holder, "fail", reason)
+        if not self.in_process:
+            self._drop_marker()
+        raise LockNotAcquired(f"{self.task.name}[{self.task_id}]: {reason}") from cause
+
+    def _requeue(self, policy: Retry, holder: Owner | None, cause: LockError | None = None) -> NoReturn:
+        attempt = lock_retries(self.request)
+        assert policy.max_retries is not None
+        if attempt >= policy.max_retries:
+            self._fail(holder, cause, retries=attempt)
+        countdown = policy.countdown_for(attempt)
+        headers = dict(self.request.headers or {})
+        headers[LOCK_RETRIES_HEADER] = attempt + 1
+        signature = self.task.signature_from_request(
+            self.request, countdown=countdown, retries=self.request.retries, headers=headers
+        )
+        if self.config.dedup_on_publish:
+            dedup.remark_queued(self.client, self.keys, self.task_id, self.config.dedup_timeout + countdown)
+        who = f"task {holder.task_id}" if holder else "another owner"
+        reason = f"Redis unreachable: {cause}" if cause else f"lock {self.name!r} is held by {who}"
+        with dedup.publishing_internally():
+            signature.apply_async()
+        progress = f"lock retry {attempt + 1}/{policy.max_retries}"
+        self._announce(holder, "retry", f"{reason}; {progress} in {countdown:.2f}s")
+        exc = LockNotAcquired(f"{self.task.name}[{self.task_id}]: {reason}")
+        raise CeleryRetry(progress, exc=exc, when=countdown)
+
+    def _retry_here(self, policy: Retry, holder: Owner | None) -> TaskLock:
+        """Retry policy for in-process calls: wait in the caller along the backoff schedule."""
+        assert policy.max_retries is not None
+        self._announce(holder, "retry", f"waiting in-process for up to {policy.max_retries} lock retries")
+        for attempt in range(policy.max_retries):
+            lock = self._attempt(policy.countdown_for(attempt))
+            if lock is not None:
+                return self._acquired(lock)
+        self._fail(self._holder(), retries=policy.max_retries)
+
+    # -- I/O helpers -----------------------------------------------------------------------
+
+    def _attempt(self, wait: float | None) -> TaskLock | None:
+        """One attempt (``wait`` None/0) or attempts for up to ``wait`` seconds, woken on release."""
+        lock = TaskLock(
+            self.client,
+            self.name,
+            owner=self.owner,
+            timeout=self.config.timeout,
+            auto_renewal=True,
+            retry_delay=WAIT_POLL,
+            blocking_timeout=wait if wait else None,
+            on_lost=_report_lost(self.task, self.task_id),
+            prefix=self.config.prefix,
+        )
+        try:
+            acquired = lock.acquire(blocking=bool(wait))
+        except LockError as exc:
+            raise _BackendDown(exc) from exc
+        return lock if acquired else None
+
+    def _holder(self) -> Owner | None:
+        try:
+            return Owner.parse(self.client.get(self.keys.lock))
+        except RedisError as exc:
+            raise _BackendDown(backend_error(self.client, "inspect", self.name, exc)) from exc
+
+    def _stored_state(self) -> str | None:
+        try:
+            return str(self.task.AsyncResult(self.task_id).state)
+        except Exception as exc:  # no result backend, or it is down: we cannot tell, so run
+            logger.debug("cannot read the state of %s: %r", self.task_id, exc)
+            return None
+
+    def _drop_marker(self) -> None:
+        if self.config.dedup_on_publish:
+            dedup.drop_queued(self.client, self.keys, self.task_id)
+
+    def _announce(self, holder: Owner | None, action: str, reason: str) -> None:
+        level = logging.INFO if action in ("skip", "retry", "wait", "wait-own") else logging.WARNING
+        logger.log(level, "%s[%s]: %s -> %s", self.task.name, self.task_id, reason, action)
+        lock_contended.send(
+            sender=self.task,
+            task_id=self.task_id,
+            key=self.name,
+            holder=holder.task_id if holder else None,
+            action=action,
+            reason=reason,
+        )
+
+
+def lock_retries(request: Any) -> int:
+    """How many times this message was already re-queued because its lock was held."""
+    value = request.__dict__.get(LOCK_RETRIES_HEADER)
+    if value is None and isinstance(request.headers, dict):
+        value = request.headers.get(LOCK_RETRIES_HEADER)
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _ignores_result(task: Any, request: Any) -> bool:
+    from celery.app.task import get_actual_ignore_result
+
+    return bool(get_actual_ignore_result(task, request))
+
+
+def _report_lost(task: Any, task_id: str) -> Callable[[DistributedLock], None]:
+    def on_lost(lock: DistributedLock) -> None:
+        reason = lock.lost_reason
+        logger.warning(
+            "%s[%s] LOST its lock %r (fence %s): %s", task.name, task_id, lock.name, lock.fence, reason
+        )
+        lock_lost.send(sender=task, task_id=task_id, key=lock.name, fence=lock.fence, reason=reason)
+
+    return on_lost
+
+
+def finish_run(
+    active: ActiveRun, reason: str = "finished", state: str | None = None, retval: Any = None
+) -> None:
+    """Release a run's lock (after its result is stored); never raises."""
+    lock = active.lock
+    task_id = lock.owner.task_id
+    config = active.config
+    if state == states.RETRY and config.dedup_on_publish:
+        # self.retry() queued this id again: mark it queued *before* the release, so
+        # a publisher never sees neither the lock nor the marker in between.
+        when = getattr(retval, "when", None)
+        delay = float(when) if isinstance(when, (int, float)) else 0.0
+        dedup.remark_queued(active.client, lock.keys, task_id, config.dedup_timeout + delay)
+    fence = lock.fence
+    try:
+        released = lock.release()
+    except LockError as exc:
+        logger.warning(
+            "could not release lock %r of %s[%s] (%s); it ends when its lease runs out",
+            lock.name, active.task.name, task_id, exc,
+        )
+        released = False
+    held = time.monotonic() - active.acquired_at
+    logger.debug(
+        "%s[%s] released lock %r (fence %s) after %.3fs%s",
+        active.task.name, task_id, lock.name, fence, held, "" if released else " (it had been lost)",
+    )
+    lock_released.send(
+        sender=active.task, task_id=task_id, key=lock.name, fence=fence, released=released, reason=reason
+    )
+
+
+def _release_after_run(
+    sender: Any = None, task_id: str | None = None, task: Any = None, state: str | None = None,
+    retval: Any = None, **_: Any,
+) -> None:
+    task = task if task is not None else sender
+    if task is None:
+        return
+    active = task.request.__dict__.pop(ACTIVE_ATTR, None)
+    if active is not None:
+        finish_run(active, "finished", state, retval)
+
+
+task_postrun.connect(_release_after_run, weak=False)

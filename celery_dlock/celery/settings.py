@@ -1,0 +1,177 @@
+"""The lock options of a task, with their app-wide defaults, checked once when the task is bound.
+
+Every option is a task attribute (``@app.task(base=LockedTask, lock_timeout=10)``)
+whose ``None`` means "use the app setting"; each setting is the attribute name
+with ``lock_`` dropped and ``dlock_`` in front (``lock_timeout`` <-
+``dlock_timeout``). This is Celery's own ``from_config`` convention: the
+settings are read once per task class, when Celery binds it to the app.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery_dlock.celery.config import lock_prefix
+from celery_dlock.celery.keys import LockKey, build_lock_key
+from celery_dlock.celery.policies import Policy, PolicyDefaults, parse_fallback, resolve_policy
+from celery_dlock.options import check_bool, check_count, check_seconds
+
+REDIS_ERROR_CHOICES = ("contention", "run")
+
+
+@dataclass(frozen=True)
+class Option:
+    attribute: str
+    setting: str | None  # None: no app-wide default (lock_key)
+    default: Any
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("lock_key", None, None),
+    Option("lock_timeout", "dlock_timeout", 30.0),
+    Option("on_contention", "dlock_on_contention", "skip"),
+    Option("lock_retry_countdown", "dlock_retry_countdown", 1.0),
+    Option("lock_retry_backoff_max", "dlock_retry_backoff_max", 60.0),
+    Option("lock_max_retries", "dlock_max_retries", 20),
+    Option("lock_wait", "dlock_wait", 10.0),
+    Option("lock_wait_fallback", "dlock_wait_fallback", "retry"),
+    Option("lock_on_redis_error", "dlock_on_redis_error", "contention"),
+    Option("dedup_on_publish", "dlock_dedup_on_publish", False),
+    Option("dedup_timeout", "dlock_dedup_timeout", 3600.0),
+)
+OPTION_NAMES = tuple(option.attribute for option in OPTIONS)
+
+
+@dataclass(frozen=True)
+class TaskLockConfig:
+    """Everything a locked task needs at run and publish time, already validated."""
+
+    task_name: str
+    key: LockKey
+    timeout: float
+    policy: Policy
+    on_redis_error: str
+    dedup_on_publish: bool
+    dedup_timeout: float
+    prefix: str
+
+
+def _setting(conf: Any, name: str) -> Any:
+    try:
+        return conf.get(name)
+    except AttributeError:
+        return getattr(conf, name, None)
+
+
+def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[Any, str]]:
+    """Each option's value and where it came from (the option name, or the setting that filled it)."""
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(
+            f"unknown lock option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}"
+        )
+    values: dict[str, tuple[Any, str]] = {}
+    for option in OPTIONS:
+        value = given.get(option.attribute)
+        source = option.attribute
+        if value is None and option.setting is not None:
+            value = _setting(conf, option.setting)
+            source = option.setting
+            if value is None:
+                value = option.default
+        values[option.attribute] = (value, source)
+    return values
+
+
+def build_config(
+    given: Mapping[str, Any], conf: Any, task_name: str, signature: inspect.Signature
+) -> TaskLockConfig:
+    """Validate ``given`` options (missing ones from ``conf``) into a :class:`TaskLockConfig`.
+
+    Errors are ``TypeError``/``ValueError`` naming the task, the option (or the
+    app setting it came from) and the offending value.
+    """
+    values = effective_options(given, conf)
+
+    def named(option: str) -> str:
+        return f"{values[option][1]} of task {task_name!r}"
+
+    try:
+        timeout = check_seconds(named("lock_timeout"), values["lock_timeout"][0])
+        assert timeout is not None
+        if timeout < 0.01:
+            raise ValueError(f"{named('lock_timeout')} must be at least 0.01 seconds, got {timeout!r}")
+        countdown = check_seconds(named("lock_retry_countdown"), values["lock_retry_countdown"][0])
+        backoff_max = check_seconds(named("lock_retry_backoff_max"), values["lock_retry_backoff_max"][0])
+        assert countdown is not None and backoff_max is not None
+        if backoff_max < countdown:
+            raise ValueError(
+                f"{named('lock_retry_backoff_max')} must be >= lock_retry_countdown ({countdown!r}), "
+                f"got {backoff_max!r}"
+            )
+        max_retries = check_count(named("lock_max_retries"), values["lock_max_retries"][0])
+        wait = check_seconds(named("lock_wait"), values["lock_wait"][0], allow_zero=True)
+        assert wait is not None
+        fallback = parse_fallback(values["lock_wait_fallback"][0], named("lock_wait_fallback"))
+        defaults = PolicyDefaults(
+            retry_countdown=countdown,
+            retry_backoff_max=backoff_max,
+            max_retries=max_retries,
+            wait=wait,
+            wait_fallback=fallback,
+        )
+        policy = resolve_policy(values["on_contention"][0], defaults, named("on_contention"))
+        on_redis_error = values["lock_on_redis_error"][0]
+        if not isinstance(on_redis_error, str):
+            raise TypeError(
+                f"{named('lock_on_redis_error')} must be 'contention' or 'run', got "
+                f"{type(on_redis_error).__name__}: {on_redis_error!r}"
+            )
+        if on_redis_error not in REDIS_ERROR_CHOICES:
+            raise ValueError(
+                f"{named('lock_on_redis_error')} must be 'contention' or 'run', got {on_redis_error!r}"
+            )
+        dedup = check_bool(named("dedup_on_publish"), values["dedup_on_publish"][0])
+        dedup_timeout = check_seconds(named("dedup_timeout"), values["dedup_timeout"][0])
+        assert dedup_timeout is not None
+        key = build_lock_key(values["lock_key"][0], task_name, signature)
+    except (TypeError, ValueError) as exc:
+        # Name the task even when the message came from a shared checker.
+        message = str(exc)
+        if task_name not in message:
+            message = f"task {task_name!r}: {message}"
+        raise type(exc)(message) from None
+    return TaskLockConfig(
+        task_name=task_name,
+        key=key,
+        timeout=timeout,
+        policy=policy,
+        on_redis_error=on_redis_error,
+        dedup_on_publish=dedup,
+        dedup_timeout=dedup_timeout,
+        prefix=lock_prefix(conf),
+    )
+
+
+def run_signature(task_class: type, instance: Any = None) -> inspect.Signature:
+    """The signature a call to the task binds to (``self`` of bound tasks left out).
+
+    Function tasks store ``run`` as a staticmethod (``bind=False``) or as a plain
+    function taking ``self`` (``bind=True``); class-based tasks define ``run(self, ...)``.
+    """
+    if instance is not None:
+        return inspect.signature(instance.run)
+    raw = inspect.getattr_static(task_class, "run")
+    if isinstance(raw, staticmethod):
+        return inspect.signature(raw.__func__)
+    signature = inspect.signature(raw)
+    parameters = list(signature.parameters.values())
+    if parameters and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        parameters = parameters[1:]
+    return signature.replace(parameters=parameters)

@@ -1,0 +1,105 @@
+"""The lock of one task run: a core lock whose owner token also says which run holds it.
+
+The token stored in Redis is ``<128 random bits in hex>|["<task id>","<worker>",<pid>]``.
+The random part is what makes release and renewal safe (the core scripts compare
+the whole token). The readable part lets others learn who holds the lock with
+one ``GET``, with no extra key to keep in step with the lease:
+
+* a skipped duplicate reports the holder's task id;
+* ``dedup_on_publish`` returns the running call's ``AsyncResult``;
+* the worker's main process can release the lock of a pool process that died
+  (SIGKILL, hard time limit, ``revoke(terminate=True)``): it knows the task id,
+  its node name and the child's pid, so it deletes the lock only if the token
+  ends with exactly those (:data:`RELEASE_OWNED_BY`), never someone else's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from celery_dlock.lock import DistributedLock, run_script
+from celery_dlock.scripts import Script
+
+SEPARATOR = "|"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Which run holds a lock: task id, worker node name and process id."""
+
+    task_id: str
+    hostname: str
+    pid: int
+
+    def suffix(self) -> str:
+        return SEPARATOR + json.dumps([self.task_id, self.hostname, self.pid], separators=(",", ":"))
+
+    @classmethod
+    def current(cls, task_id: str | None, hostname: str | None) -> Owner:
+        return cls(task_id or "", hostname or socket.gethostname(), os.getpid())
+
+    @classmethod
+    def parse(cls, value: Any) -> Owner | None:
+        """The owner encoded in a lock value, or None for locks not taken by a task run."""
+        if value is None:
+            return None
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        _, sep, rest = text.partition(SEPARATOR)
+        if not sep:
+            return None
+        try:
+            task_id, hostname, pid = json.loads(rest)
+            return cls(str(task_id), str(hostname), int(pid))
+        except (ValueError, TypeError):
+            return None
+
+
+class TaskLock(DistributedLock):
+    """A :class:`DistributedLock` held on behalf of one task run (see the module docstring).
+
+    ``key`` is the lock name (what ``lock_key`` produced); ``fence`` and
+    ``ensure_held()`` come from the core lock.
+    """
+
+    def __init__(self, redis: Any, name: str, *, owner: Owner, **options: Any) -> None:
+        super().__init__(redis, name, **options)
+        self.owner = owner
+
+    def _start_attempt(self) -> str:
+        # Core hook point: the token is the core's random token plus our owner suffix.
+        return super()._start_attempt() + self.owner.suffix()
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def holder(self) -> Owner | None:
+        """Who holds this lock name right now (one GET); None if free or not held by a task run."""
+        return Owner.parse(self.redis.get(self.keys.lock))
+
+
+# KEYS[1] lock, KEYS[2] release channel; ARGV[1] owner suffix.
+# Deletes the lock only if its token ends with this exact owner (task id, node, pid),
+# and wakes waiters like a normal release. Returns 1 when it released.
+RELEASE_OWNED_BY = Script(
+    "release_owned_by",
+    """
+local value = redis.call('GET', KEYS[1])
+local suffix = ARGV[1]
+if value and string.len(value) > string.len(suffix)
+   and string.sub(value, -string.len(suffix)) == suffix then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], '1')
+  return 1
+end
+return 0
+""",
+)
+
+
+def release_owned_by(client: Any, lock_key: str, channel: str, owner: Owner) -> bool:
+    return bool(run_script(client, RELEASE_OWNED_BY, [lock_key, channel], [owner.suffix()]))

@@ -1,0 +1,1 @@
+"""Celery apps run by real worker subprocesses in the tests (one app per test module)."""
