@@ -4,51 +4,59 @@
         "thirdparty.tasks.sync_account": {"lock_key": ["account_id"], "on_contention": "retry"},
     })
 
-or put the same mapping in ``app.conf.dlock_tasks`` and call ``install(app)``.
+or put the same mapping in ``app.conf.dlock_tasks`` and call ``install(app)``
+(after configuring the app, before or after the tasks are defined).
 
-Why not just signals? Celery logs and swallows any exception raised by a signal
-receiver (``task_prerun`` included, see ``celery.app.trace``), so a receiver
-cannot stop a run, which "skip", "retry" and "fail" must do. ``install`` therefore
-wraps each listed task's ``run`` on the task instance (the task keeps its own
-class, base class and ``__call__``); the wrapper does exactly what
-``LockedTask.__call__`` does (:func:`celery_dlock.celery.runner.run_locked`). The
-rest is the same Celery machinery LockedTask uses: ``task_postrun`` releases the
-lock, ``task_revoked`` drops queued markers, and the task's ``Request`` class is
-extended so the worker's main process frees the lock of a killed pool process.
-With ``dedup_on_publish`` the instance's ``apply_async`` is wrapped too.
+Why not signals alone? Celery logs and swallows any exception raised by a
+signal receiver (``task_prerun`` included, see ``celery.app.trace``), so a
+receiver cannot stop a run, which "skip", "retry" and "fail" must do. The run
+is stopped from inside instead: each listed task's ``run`` is wrapped by
+:func:`celery_dlock.celery.runner.run_locked`, the very function
+``LockedTask.__call__`` uses. The task keeps its own class, base class and
+``__call__``. The rest is the same Celery machinery LockedTask uses:
+``task_postrun`` releases the lock, ``task_revoked`` drops queued markers, and
+the task's ``Request`` class is extended so the worker's main process frees
+the lock of a killed pool process. With ``dedup_on_publish``, ``apply_async``
+is wrapped too.
 
-When: tasks are wrapped as soon as both ``install`` was called and the task is
-registered; ``install`` looks again when the app is finalized and when a worker
-starts (``worker_init``, before the worker builds its task tracers), so task
-modules imported by the worker are covered. A task listed but never registered
-is reported with a warning when the worker starts.
+*When* this happens matters: the worker builds each task's tracer (which
+captures ``run``) once, and a publisher may never finalize the app. So the
+wrapping uses Celery's own hook for rewriting task attributes at registration,
+task annotations (``Task.annotate``, run when a task class is first bound to
+the app): ``install`` puts an annotation in front of the app's own (which still
+apply, merged with ours), so every listed task is wrapped the moment it is
+registered, in every process. Tasks already registered when ``install`` is
+called are wrapped at once. A listed task that no worker ever registers is
+reported with a warning when a worker starts.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from celery.app.annotations import prepare as prepare_annotations
 from celery.app.trace import build_tracer
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init
 from celery.utils.imports import symbol_by_name
 
 from celery_dlock.celery import dedup
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import run_locked
-from celery_dlock.celery.settings import OPTION_NAMES, build_config, run_signature
+from celery_dlock.celery.settings import OPTION_NAMES, TaskLockConfig, build_config, run_signature
 
 logger = logging.getLogger("celery_dlock.celery")
 
-PATCHED_ATTR = "_dlock_installed"
+INSTALLED_ATTR = "_dlock_installed"
 
 
 class Installation:
-    """The tasks ``install`` was asked to lock in one app, and the wrapping of each."""
+    """The tasks ``install`` was asked to lock in one app."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -61,30 +69,78 @@ class Installation:
             self.explicit.update(checked)
 
     def specs(self) -> dict[str, dict[str, Any]]:
-        from_conf = self.app.conf.get("dlock_tasks") or {}
-        specs = check_task_options(from_conf, "app.conf.dlock_tasks")
-        specs.update(self.explicit)
+        specs = check_task_options(self.app.conf.get("dlock_tasks") or {}, "app.conf.dlock_tasks")
+        with self._mutex:
+            specs.update(self.explicit)
         return specs
 
-    def apply(self, report_missing: bool = False) -> list[Any]:
-        """Wrap every listed task that is registered and not wrapped yet; returns those wrapped now."""
-        wrapped = []
-        with self._mutex:
-            registry = self.app._tasks  # the registry without triggering finalization
-            for name, options in self.specs().items():
-                task = registry.get(name)
-                if task is None:
-                    if report_missing:
-                        logger.warning(
-                            "celery-dlock: task %r is listed for locking but is not registered in %r",
-                            name, self.app,
-                        )
-                    continue
-                if getattr(task, PATCHED_ATTR, False):
-                    continue
-                lock_task(task, options)
-                wrapped.append(task)
-        return wrapped
+    def patch_for(self, task_class: type) -> dict[str, Any] | None:
+        """The attributes that lock ``task_class`` (None if it is not listed or already locked)."""
+        name = getattr(task_class, "name", None)
+        if not name or task_class.__dict__.get(INSTALLED_ATTR):
+            return None
+        options = self.specs().get(name)
+        if options is None:
+            return None
+        return locked_attributes(task_class, self.app, options)
+
+    def patch_registered(self) -> None:
+        """Wrap listed tasks that were registered (bound) before ``install`` was called."""
+        for name in self.specs():
+            task = self.app._tasks.get(name)  # the registry as is: no finalization, no evaluation
+            if task is None or not task.__bound__:
+                continue
+            attributes = self.patch_for(type(task))
+            if attributes is None:
+                continue
+            for key, value in attributes.items():
+                setattr(type(task), key, value)
+            if task.__trace__ is not None:
+                # A tracer built earlier captured the unwrapped run; build it again.
+                task.__trace__ = build_tracer(task.name, task, app=self.app)
+
+    def report_missing(self) -> None:
+        for name in self.specs():
+            if name not in self.app._tasks:
+                logger.warning("celery-dlock: task %r is listed for locking but is not registered", name)
+
+
+class LockingAnnotations:
+    """A task annotation (see ``task_annotations``) that adds our attributes to listed tasks.
+
+    Celery applies only the *first* annotation that matches a task, so this one
+    wraps the app's own annotations: it asks them first and merges the answer
+    with ours, so the app's annotations keep working unchanged.
+    """
+
+    def __init__(self, installation: Installation) -> None:
+        self.installation = installation
+        self._own: list[Any] | None = None
+
+    def _app_annotations(self) -> list[Any]:
+        if self._own is None:
+            self._own = list(prepare_annotations(self.installation.app.conf.task_annotations))
+        return self._own
+
+    def annotate(self, task: Any) -> dict[str, Any] | None:
+        theirs = _first(self._app_annotations(), "annotate", task)
+        ours = self.installation.patch_for(task)
+        if ours is None:
+            return theirs
+        return {**(theirs or {}), **ours}
+
+    def annotate_any(self) -> dict[str, Any] | None:
+        return _first(self._app_annotations(), "annotate_any")
+
+
+def _first(annotations: list[Any], method: str, *args: Any) -> dict[str, Any] | None:
+    for annotation in annotations:
+        function = getattr(annotation, method, None)
+        if function is not None:
+            reply = function(*args)
+            if reply is not None:
+                return dict(reply)
+    return None
 
 
 def check_task_options(tasks: object, where: str) -> dict[str, dict[str, Any]]:
@@ -110,44 +166,61 @@ def check_task_options(tasks: object, where: str) -> dict[str, dict[str, Any]]:
     return checked
 
 
-def lock_task(task: Any, options: Mapping[str, Any]) -> None:
-    """Make one registered task instance run under its lock (see the module docstring)."""
+def locked_attributes(task_class: Any, app: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Class attributes that make ``task_class`` run under its lock (validated options)."""
     from celery_dlock.celery.task import LockedTask
 
-    if isinstance(task, LockedTask):
+    if issubclass(task_class, LockedTask):
         raise TypeError(
-            f"task {task.name!r} already uses base=LockedTask; set its lock options as task "
+            f"task {task_class.name!r} already uses base=LockedTask; set its lock options as task "
             "options instead of listing it in install()/dlock_tasks"
         )
-    original_run = task.run
-    config = build_config(options, task.app.conf, task.name, run_signature(type(task), task))
-
-    @functools.wraps(original_run)
-    def locked_run(*args: Any, **kwargs: Any) -> Any:
-        return run_locked(task, config, args, kwargs, functools.partial(original_run, *args, **kwargs))
-
-    task.run = locked_run
-    task._dlock_config = config
-    task.Request = locked_request_class(symbol_by_name(task.Request))
+    signature = run_signature(task_class)
+    config = build_config(options, app.conf, task_class.name, signature)
+    attributes: dict[str, Any] = {
+        "run": _locked_run(task_class, config, signature),
+        "Request": locked_request_class(symbol_by_name(task_class.Request)),
+        "_dlock_config": config,
+        INSTALLED_ATTR: True,
+    }
     if config.dedup_on_publish:
-        task.apply_async = _deduplicating_apply_async(task, config, task.apply_async)
-    setattr(task, PATCHED_ATTR, True)
-    if task.__trace__ is not None:
-        # A tracer built earlier captured the unwrapped run; build it again.
-        task.__trace__ = build_tracer(task.name, task, app=task.app)
-    logger.debug("celery-dlock: %s runs under lock (%s)", task.name, config.key.describe())
+        attributes["apply_async"] = _deduplicating_apply_async(config, task_class.apply_async)
+    logger.debug("celery-dlock: %s runs under lock (%s)", task_class.name, config.key.describe())
+    return attributes
 
 
-def _deduplicating_apply_async(task: Any, config: Any, original: Any) -> Any:
+def _locked_run(task_class: type, config: TaskLockConfig, signature: inspect.Signature) -> Callable[..., Any]:
+    raw = inspect.getattr_static(task_class, "run")
+    is_static = isinstance(raw, staticmethod)
+    function = raw.__func__ if is_static else raw
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if is_static:
+            body = functools.partial(function, *args, **kwargs)
+        else:
+            body = functools.partial(function, self, *args, **kwargs)
+        return run_locked(self, config, args, kwargs, body)
+
+    functools.update_wrapper(run, function)
+    # inspect.signature(task.run) must keep showing the call's parameters (Celery's
+    # retry() reads it): declare them, after the ``self`` a bound method drops.
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_parameter, *signature.parameters.values()]
+    )
+    return run
+
+
+def _deduplicating_apply_async(config: TaskLockConfig, original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def apply_async(
-        args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+        self: Any, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> Any:
-        if not dedup.should_deduplicate(config, options, task.app):
-            return original(args, kwargs, task_id=task_id, **options)
+        if not dedup.should_deduplicate(config, options, self.app):
+            return original(self, args, kwargs, task_id=task_id, **options)
         return dedup.publish_once(
-            task, config, redis_client_for_app(task.app), args, kwargs, task_id, options,
-            lambda chosen_id: original(args, kwargs, task_id=chosen_id, **options),
+            self, config, redis_client_for_app(self.app), args, kwargs, task_id, options,
+            lambda chosen_id: original(self, args, kwargs, task_id=chosen_id, **options),
         )
 
     return apply_async
@@ -161,8 +234,8 @@ def install(app: Any, tasks: Mapping[str, Mapping[str, Any]] | None = None) -> I
     """Lock the tasks listed in ``tasks`` and in ``app.conf.dlock_tasks`` (see the module docstring).
 
     May be called more than once (each call adds tasks). Option names are
-    checked at once; option values when each task is wrapped (they may come
-    from ``app.conf`` and need the task's signature).
+    checked at once; option values when each task is registered (they may come
+    from ``app.conf`` and need the task's signature), with a clear error then.
     """
     with _installations_lock:
         installation = _installations.get(id(app))
@@ -172,24 +245,13 @@ def install(app: Any, tasks: Mapping[str, Mapping[str, Any]] | None = None) -> I
     if tasks is not None:
         installation.add(tasks)
     if first:
-        _connect(app, installation)
-    if app.finalized:
-        installation.apply()
+        app.annotations = [LockingAnnotations(installation)]
+
+        def on_worker_init(sender: Any = None, **_: Any) -> None:
+            if getattr(sender, "app", None) is app:
+                installation.patch_registered()
+                installation.report_missing()
+
+        worker_init.connect(on_worker_init, weak=False)
+    installation.patch_registered()
     return installation
-
-
-def _connect(app: Any, installation: Installation) -> None:
-    def on_finalized(sender: Any = None, **_: Any) -> None:
-        installation.apply()
-
-    def on_worker_init(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            installation.apply(report_missing=True)
-
-    def on_process_init(sender: Any = None, **_: Any) -> None:
-        # Tasks registered only now (rare) get wrapped, and their tracer rebuilt above.
-        installation.apply()
-
-    app.on_after_finalize.connect(on_finalized, weak=False)
-    worker_init.connect(on_worker_init, weak=False)
-    worker_process_init.connect(on_process_init, weak=False)
