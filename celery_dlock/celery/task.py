@@ -23,7 +23,13 @@ from celery import Task
 from celery_dlock.celery import dedup
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.runner import current_lock, run_locked
-from celery_dlock.celery.settings import OPTION_NAMES, TaskLockConfig, build_config, run_signature
+from celery_dlock.celery.settings import (
+    OPTION_NAMES,
+    TaskLockConfig,
+    build_config,
+    effective_options,
+    run_signature,
+)
 from celery_dlock.celery.tasklock import TaskLock
 
 
@@ -60,6 +66,10 @@ class LockedTask(Task):  # type: ignore[misc]
         if _is_concrete(cls):
             given = {name: getattr(cls, name) for name in OPTION_NAMES}
             cls._dlock_config = build_config(given, app.conf, cls.name, run_signature(cls))
+            # Like Celery's from_config: options left as None now hold the app-wide value.
+            for name, (value, _source) in effective_options(given, app.conf).items():
+                if getattr(cls, name) is None and value is not None:
+                    setattr(cls, name, value)
         return bound
 
     def _lock_config(self) -> TaskLockConfig:

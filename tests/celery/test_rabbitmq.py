@@ -1,0 +1,107 @@
+"""The acceptance runs with RabbitMQ as broker and Redis as lock store and result backend.
+
+Skipped (with the reason) when nothing listens on 127.0.0.1:5672.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+from celery_dlock.celery import TaskSkipped
+from tests.celery.apps.common import read_records, read_started
+from tests.celery.conftest import load_app, start_worker
+from tests.celery.helpers import assert_no_overlap, outcomes, wait_until
+from tests.celery.test_worker import send_concurrently
+
+
+def rabbitmq_listening() -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", 5672)) == 0
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not rabbitmq_listening(), reason="RabbitMQ is not listening on 127.0.0.1:5672"),
+]
+
+
+@pytest.fixture(scope="module")
+def amqp(celery_env: dict[str, str]) -> Iterator[ModuleType]:
+    module = load_app("amqp")
+    module.worker = start_worker(module, concurrency=2)
+    try:
+        yield module
+    finally:
+        module.worker.stop()  # tests may have replaced it
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex
+
+
+def test_skip_20_concurrent_sends_run_once(amqp: ModuleType, tag: str) -> None:
+    values = outcomes(send_concurrently(amqp.skip_task, 20, tag, 3.0), timeout=60)
+    ran = read_records(tag)
+    assert len(ran) == 1
+    assert sum(isinstance(v, TaskSkipped) for v in values) == 19
+    assert {v.holder for v in values if isinstance(v, TaskSkipped)} == {ran[0]["task_id"]}
+
+
+def test_retry_20_concurrent_sends_all_run_never_overlapping(amqp: ModuleType, tag: str) -> None:
+    values = outcomes(send_concurrently(amqp.retry_task, 20, tag, 0.2), timeout=120)
+    assert all(isinstance(v, dict) for v in values), values
+    ran = read_records(tag)
+    assert len(ran) == 20
+    assert_no_overlap(ran)
+
+
+def test_wait_20_concurrent_sends_all_run_never_overlapping(amqp: ModuleType, tag: str) -> None:
+    values = outcomes(send_concurrently(amqp.wait_task, 20, tag, 0.2), timeout=120)
+    assert all(isinstance(v, dict) for v in values), values
+    ran = read_records(tag)
+    assert len(ran) == 20
+    assert_no_overlap(ran)
+
+
+def test_dedup_on_publish_returns_the_existing_id(amqp: ModuleType, tag: str) -> None:
+    first = amqp.dedup_task.delay(tag, 1.0)
+    assert amqp.dedup_task.delay(tag, 1.0).id == first.id
+    first.get(timeout=15)
+    assert len(read_records(tag)) == 1
+
+
+def test_acks_late_task_redelivered_after_its_worker_died_runs_once_not_concurrently(
+    amqp: ModuleType, tag: str
+) -> None:
+    # RabbitMQ hands an unacked message to another consumer as soon as the dead
+    # worker's connection drops, long before the dead run's 2 s lease ends: the
+    # redelivered run must wait for that lease, then run once.
+    amqp.worker.stop()  # this test wants to know which worker gets the message first
+    first = start_worker(amqp, concurrency=1)
+    second = None
+    try:
+        result = amqp.acked_late.delay(tag, 3.0)
+        dead_run = wait_until(lambda: read_started(tag), 15)[0]
+        second = start_worker(amqp, concurrency=1)
+        first.kill()
+        killed_at = time.monotonic()
+        value = result.get(timeout=40)
+        # It arrived while the dead run's lease still held the lock, and waited for it.
+        assert "an earlier delivery of this same task id holds the lock" in second.log()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        amqp.worker = start_worker(amqp, concurrency=2)
+    completed = read_records(tag)
+    assert len(completed) == 1 and value["task_id"] == result.id
+    assert completed[0]["start"] > killed_at and completed[0]["pid"] != dead_run["pid"]
+    assert completed[0]["fence"] > dead_run["fence"]
