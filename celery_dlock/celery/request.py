@@ -125,6 +125,7 @@ def locked_request_class(base: type) -> type:
             return existing
 
         class LockedRequest(base):  # type: ignore[misc]
+            releases_abandoned_locks = True
             def on_failure(
                 self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
             ) -> Any:

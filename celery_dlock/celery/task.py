@@ -19,9 +19,11 @@ import functools
 from typing import Any
 
 from celery import Task
+from celery.utils.imports import symbol_by_name
 
 from celery_dlock.celery import dedup
 from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import current_lock, run_locked
 from celery_dlock.celery.settings import (
     OPTION_NAMES,
@@ -43,7 +45,7 @@ class LockedTask(Task):  # type: ignore[misc]
     """
 
     #: Frees the lock of a pool process that dies mid-task (in the worker's main process).
-    Request = "celery_dlock.celery.request:LockedRequest"
+    Request: Any = "celery_dlock.celery.request:LockedRequest"
 
     # Lock options; None means "from app.conf" (dlock_timeout, dlock_on_contention, ...).
     lock_key: Any = None
@@ -66,6 +68,10 @@ class LockedTask(Task):  # type: ignore[misc]
         if _is_concrete(cls):
             given = {name: getattr(cls, name) for name in OPTION_NAMES}
             cls._dlock_config = build_config(given, app.conf, cls.name, run_signature(cls))
+            # A subclass may bring its own Request class: keep it, with our release added.
+            request_class = symbol_by_name(cls.Request)
+            if not getattr(request_class, "releases_abandoned_locks", False):
+                cls.Request = locked_request_class(request_class)
             # Like Celery's from_config: options left as None now hold the app-wide value.
             for name, (value, _source) in effective_options(given, app.conf).items():
                 if getattr(cls, name) is None and value is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
-from celery_dlock import LockNotAcquired
+from celery_dlock import DistributedLock, LockNotAcquired
 from celery_dlock.celery import TaskSkipped
 from celery_dlock.embedded import RedisServer
 from celery_dlock.keys import LockKeys
@@ -106,8 +106,13 @@ def test_acks_late_message_requeued_after_its_process_died_runs_after_the_releas
 
 
 def test_renewal_works_in_threads_and_solo_pools(faults: ModuleType) -> None:
+    # A lock some other worker holds must survive new workers starting (nothing is cleared).
+    elsewhere = DistributedLock(records(), faults.hold.lock_name_for("elsewhere", 1), timeout=60,
+                                prefix=faults.app.conf.dlock_prefix)
+    assert elsewhere.acquire(blocking=False)
     for pool, concurrency in (("threads", 3), ("solo", 1)):
         worker = start_worker(faults, pool=pool, concurrency=concurrency)
+        assert elsewhere.is_locked_by_me()
         try:
             tag = uuid.uuid4().hex
             runs = [faults.renewed.delay(tag, 3.2) for _ in range(3 if pool == "threads" else 1)]
@@ -117,6 +122,7 @@ def test_renewal_works_in_threads_and_solo_pools(faults: ModuleType) -> None:
             assert all(isinstance(v, TaskSkipped) for v in values if not isinstance(v, dict)), values
         finally:
             worker.stop()
+    assert elsewhere.release()
 
 
 # -- a whole worker dies: acks_late redelivery (Redis broker, 2 s visibility timeout) -------------

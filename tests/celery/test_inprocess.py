@@ -178,3 +178,46 @@ def test_core_imports_without_celery_and_the_celery_names_load_lazily() -> None:
     from celery_dlock import install as lazy_install
 
     assert lazy_task is LockedTask and lazy_install is celery_dlock.celery.install
+
+
+def test_lost_lock_is_signalled_and_ensure_held_raises(app: Celery) -> None:
+    from celery_dlock import LockLost
+    from celery_dlock.celery import lock_lost
+
+    lost: list[dict[str, Any]] = []
+
+    def on_lost(sender: Any = None, **kwargs: Any) -> None:
+        lost.append(kwargs)
+
+    lock_lost.connect(on_lost, weak=False)
+    client = redis.Redis.from_url(app.conf.dlock_redis_url)
+
+    @app.task(base=LockedTask, bind=True, shared=False, name="inprocess.stolen", lock_timeout=0.3)
+    def stolen(self: Any, x: int) -> None:
+        client.delete(self.lock.keys.lock)  # an operator (or a failover) removes the lock
+        time.sleep(0.5)  # the next renewal finds it gone
+        self.lock.ensure_held()
+
+    try:
+        with pytest.raises(LockLost):
+            stolen(1)
+    finally:
+        lock_lost.disconnect(on_lost)
+    assert len(lost) == 1 and lost[0]["key"] == stolen.lock_name_for(1)
+
+
+def test_locked_task_subclass_keeps_its_own_request_class(app: Celery) -> None:
+    from celery.worker.request import Request
+
+    class AuditRequest(Request):  # type: ignore[misc]
+        pass
+
+    class AuditedLocked(LockedTask):
+        Request = AuditRequest
+
+    @app.task(base=AuditedLocked, shared=False, name="inprocess.audited")
+    def audited(x: int) -> int:
+        return x
+
+    request_class = audited.Request
+    assert issubclass(request_class, AuditRequest) and request_class.releases_abandoned_locks

@@ -162,7 +162,8 @@ def test_listed_arguments_key_ignores_other_arguments(basic: ModuleType, tag: st
 
 @pytest.mark.slow
 def test_task_running_3x_its_lock_timeout_keeps_its_lock(basic: ModuleType, tag: str) -> None:
-    running = basic.long_task.delay(tag, 3.5)  # lock_timeout=1
+    # Queued for 1 s first: the lease starts when the run starts, not at publish.
+    running = basic.long_task.apply_async((tag, 3.5), countdown=1.0)  # lock_timeout=1
     key = basic.long_task.lock_name_for(tag, 3.5)
     lock_key = LockKeys.for_name(key, basic.app.conf.dlock_prefix).lock
     wait_until(lambda: records().exists(lock_key), 10)
@@ -174,6 +175,7 @@ def test_task_running_3x_its_lock_timeout_keeps_its_lock(basic: ModuleType, tag:
     value = running.get(timeout=15)
     assert value["end"] - value["start"] >= 3.4
     assert min(value["ttls"]) > 0, "the lease ran out while the task ran"
+    assert value["ttls"][0] > 500  # a fresh lease at the start of the run
     assert records().exists(lock_key) == 0
 
 
@@ -249,9 +251,11 @@ def test_revoked_and_expired_messages_leave_no_marker_or_lock(basic: ModuleType,
     assert fresh.id not in (revoked.id, expired.id) and fresh.get(timeout=10)["task_id"] == fresh.id
 
 
-def test_skipped_result_get_returns_promptly(basic: ModuleType, tag: str) -> None:
+def test_skipped_result_get_returns_promptly_and_leaves_the_holders_lock(basic: ModuleType, tag: str) -> None:
     holder = basic.skip_task.delay(tag, 2.5)
     wait_until(lambda: records().llen(f"{basic.RUN}:started:{tag}"), 10)
+    key = LockKeys.for_name(basic.skip_task.lock_name_for(tag, 2.5), basic.app.conf.dlock_prefix).lock
+    token = records().get(key)
     duplicate = basic.skip_task.delay(tag, 2.5)
     started = time.monotonic()
     try:
@@ -261,4 +265,27 @@ def test_skipped_result_get_returns_promptly(basic: ModuleType, tag: str) -> Non
     except CeleryTimeout:
         pytest.fail("get() on a skipped duplicate hung")
     assert time.monotonic() - started < 2.0
+    assert records().get(key) == token  # the skipped duplicate did not touch the holder's lock
     holder.get(timeout=10)
+
+
+@pytest.mark.parametrize("how", ["ignore", "reject"])
+def test_lock_is_released_when_the_task_ends_with_ignore_or_reject(
+    basic: ModuleType, tag: str, how: str
+) -> None:
+    key = LockKeys.for_name(basic.ends_with.lock_name_for(tag, how), basic.app.conf.dlock_prefix).lock
+    result = basic.ends_with.delay(tag, how)
+    wait_until(lambda: read_records(tag), 10)
+    wait_until(lambda: not records().exists(key), 5, what="release after " + how)  # 30 s lease
+    again = basic.ends_with.delay(tag, how)
+    wait_until(lambda: len(read_records(tag)) == 2, 10, what="the next run")
+    assert again.id != result.id
+
+
+def test_canvas_members_are_protected_by_the_run_lock(basic: ModuleType, tag: str) -> None:
+    from celery import group
+
+    job = group(basic.skip_task.s(tag, 1.5) for _ in range(3)).apply_async()
+    values = job.join(timeout=30, propagate=False)
+    assert len(read_records(tag)) == 1
+    assert sum(isinstance(v, TaskSkipped) for v in values) == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from celery.exceptions import Ignore, Reject
+
 from celery_dlock.celery import LockedTask, Retry, Wait
 from tests.celery.apps.common import make_app, records, run_recorded
 
@@ -76,6 +78,17 @@ def self_retrying(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     if self.request.retries == 0:
         raise self.retry(countdown=0)
     return entry
+
+
+@app.task(base=LockedTask, bind=True, lock_timeout=30, on_contention="skip")
+def ends_with(self: Any, tag: str, how: str) -> dict[str, Any]:
+    """Ends with Ignore or Reject (Celery skips after_return for both): the lock must still go."""
+    run_recorded(self, tag, 0.1)
+    if how == "ignore":
+        raise Ignore()
+    if how == "reject":
+        raise Reject("rejected on purpose", requeue=False)
+    raise ValueError(how)
 
 
 @app.task(base=LockedTask, bind=True, lock_timeout=2, dedup_on_publish=True, on_contention="skip")
