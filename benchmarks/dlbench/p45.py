@@ -75,6 +75,25 @@ class Worker:
                 self.proc.wait(5)
 
 
+def _tree_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of a process and all its descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, stack, seen = 0.0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _load_app(url: str, prefix: str, slow: float) -> Any:
     os.environ["DLBENCH_REDIS_URL"] = url
     os.environ["DLBENCH_PREFIX"] = prefix
@@ -141,6 +160,9 @@ def run(url: str, prefix: str, p4_tasks: int, p4_reps: int, p5_calls: int, p5_co
             _wait_count(r, key, target, 60, worker)
         # P4
         rates: dict[str, list[float]] = {name: [] for name in mod.P4_TASKS}
+        commands: dict[str, list[dict[str, int]]] = {name: [] for name in mod.P4_TASKS}
+        worker_cpu: dict[str, list[float]] = {name: [] for name in mod.P4_TASKS}
+        publisher_cpu: dict[str, list[float]] = {name: [] for name in mod.P4_TASKS}
         names = list(mod.P4_TASKS)
         for rep in range(p4_reps):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
@@ -148,11 +170,18 @@ def run(url: str, prefix: str, p4_tasks: int, p4_reps: int, p5_calls: int, p5_co
                 key = mod.counter(task.name, "done")
                 target = _value(r, key) + p4_tasks
                 offset = (rep + 1) * 1_000_000
+                before = server.commandstats(r)
+                assert worker.proc is not None
+                cpu0, pub0 = _tree_cpu_seconds(worker.proc.pid), time.process_time()
                 t0 = time.perf_counter()
                 for k in range(p4_tasks):
                     task.delay(offset + k)
+                publisher_cpu[name].append((time.process_time() - pub0) / p4_tasks)
                 t1 = _wait_count(r, key, target, 300, worker)
+                worker_cpu[name].append((_tree_cpu_seconds(worker.proc.pid) - cpu0) / p4_tasks)
                 rates[name].append(p4_tasks / (t1 - t0))
+                time.sleep(0.2)  # let the last tasks' releases land before counting commands
+                commands[name].append(server.command_delta(before, server.commandstats(r)))
         plain = median(rates["plain Task"])
         for name in names:
             rate = median(rates[name])
@@ -160,6 +189,15 @@ def run(url: str, prefix: str, p4_tasks: int, p4_reps: int, p5_calls: int, p5_co
                 "tasks_per_s": rate,
                 "tasks_per_s_reps": [round(x, 1) for x in rates[name]],
                 "ratio_to_plain": rate / plain if plain and rate else None,
+                "worker_cpu_ms_per_task": 1000 * (median(worker_cpu[name]) or 0.0),
+                "publisher_cpu_ms_per_task": 1000 * (median(publisher_cpu[name]) or 0.0),
+                # Broker traffic included (the same for every variant); the difference is the lock's.
+                "redis_commands_per_task": median(
+                    [sum(c.values()) / p4_tasks for c in commands[name]]
+                ),
+                "redis_commands_by_name_per_task": {
+                    k: round(v / p4_tasks, 2) for k, v in sorted(commands[name][-1].items())
+                },
             }
         # P5
         for name, task in mod.P5_TASKS.items():
