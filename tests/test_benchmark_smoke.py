@@ -43,6 +43,7 @@ def test_quick_benchmark_runs_and_keeps_mutual_exclusion(bench: Any, tmp_path: P
         p2_seconds=0.4,
         p3_counts=(1, 5),
         p3_seconds={1: 0.5, 5: 0.5},
+        p3_warmup=0.2,
         p6_configs=((2, 2),),
     )
     results = bench.run_suite(

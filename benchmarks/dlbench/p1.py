@@ -48,13 +48,15 @@ async def _timed_async(lock: Any, seconds: float) -> tuple[int, float]:
     return pairs, now - start
 
 
-def _measure_once(lib: Library, url: str, name: str, seconds: float, warmup: int) -> tuple[int, float, int]:
-    """(pairs, elapsed, server commands) for one timed run."""
+def _measure_once(
+    lib: Library, url: str, name: str, seconds: float, warmup: int
+) -> tuple[int, float, int, float]:
+    """(pairs, elapsed, server commands, client CPU seconds) for one timed run."""
     admin = server.sync_client(url)
     try:
         if lib.is_async:
 
-            async def go() -> tuple[int, float, int]:
+            async def go() -> tuple[int, float, int, float]:
                 client = server.async_client(url)
                 try:
                     lock = lib.make(client, name, PARAMS)
@@ -62,9 +64,11 @@ def _measure_once(lib: Library, url: str, name: str, seconds: float, warmup: int
                         await lock.acquire()
                         await lock.release()
                     before = server.commandstats(admin)
+                    cpu = time.process_time()
                     pairs, elapsed = await _timed_async(lock, seconds)
+                    cpu = time.process_time() - cpu
                     after = server.commandstats(admin)
-                    return pairs, elapsed, sum(server.command_delta(before, after).values())
+                    return pairs, elapsed, sum(server.command_delta(before, after).values()), cpu
                 finally:
                     await client.aclose()
 
@@ -76,9 +80,11 @@ def _measure_once(lib: Library, url: str, name: str, seconds: float, warmup: int
                 lock.acquire()
                 lock.release()
             before = server.commandstats(admin)
+            cpu = time.process_time()
             pairs, elapsed = _timed_sync(lock, seconds)
+            cpu = time.process_time() - cpu
             after = server.commandstats(admin)
-            return pairs, elapsed, sum(server.command_delta(before, after).values())
+            return pairs, elapsed, sum(server.command_delta(before, after).values()), cpu
         finally:
             client.close()
     finally:
@@ -145,13 +151,15 @@ def run(
 ) -> dict[str, Any]:
     rates: dict[str, list[float]] = {lib.key: [] for lib in libraries}
     commands: dict[str, list[float]] = {lib.key: [] for lib in libraries}
+    cpu_us: dict[str, list[float]] = {lib.key: [] for lib in libraries}
     for rep in range(reps):
         order = libraries[rep % len(libraries):] + libraries[: rep % len(libraries)]
         for lib in order:
             name = f"{prefix}p1:{lib.key}"
-            pairs, elapsed, cmds = _measure_once(lib, url, name, seconds, warmup=50 if rep == 0 else 10)
+            pairs, elapsed, cmds, cpu = _measure_once(lib, url, name, seconds, warmup=50 if rep == 0 else 10)
             rates[lib.key].append(pairs / elapsed)
             commands[lib.key].append(cmds / pairs)
+            cpu_us[lib.key].append(cpu / pairs * 1e6)
     out: dict[str, Any] = {}
     for lib in libraries:
         census = _census(lib, url, f"{prefix}p1c:{lib.key}", census_pairs)
@@ -160,6 +168,8 @@ def run(
             "pairs_per_s": median(rates[lib.key]),
             "pairs_per_s_reps": [round(r, 1) for r in rates[lib.key]],
             "commands_per_pair": median(commands[lib.key]),
+            # Client-side CPU per pair (this process): steadier than pairs/s on a shared machine.
+            "client_cpu_us_per_pair": median(cpu_us[lib.key]),
             **census,
         }
     return out

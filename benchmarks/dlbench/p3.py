@@ -1,10 +1,12 @@
 """P3: hold 1, 100 and 1,000 auto-renewed locks with a 3 s lease.
 
 Each (library, count) runs in its own forked process so its thread count is its own:
-the child acquires the locks, then holds them for the measured window while the
-parent snapshots ``INFO commandstats`` around it (only renewals run in that window),
-then the child checks every lock (still ours in Redis and not flagged lost) and
-releases them. Round trips are counted client-side (requests written on a socket).
+the child acquires the locks, holds them for one lease (warm-up: the first renewals of
+locks acquired at different moments, a first ``SCRIPT LOAD``), then for the measured
+window while the parent snapshots ``INFO commandstats`` around it (only renewals run
+then), then checks every lock (still ours in Redis and not flagged lost) and releases
+them. Round trips are counted client-side (requests written on a socket), both for the
+measured window (steady state) and for the whole hold including the warm-up.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import server
 from .locks import availability
 
 LEASE = 3.0
+WARMUP = LEASE
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,9 @@ NO_RENEWAL = {
 
 
 def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """Threads of this process, without the harness' own multiprocessing queue feeders."""
+    feeders = sum(t.name == "QueueFeederThread" for t in threading.enumerate())
+    return len(os.listdir("/proc/self/task")) - feeders
 
 
 class _Problems(logging.Handler):
@@ -91,7 +96,7 @@ class _Problems(logging.Handler):
 
 
 def _child(lib: RenewingLibrary, url: str, prefix: str, count: int, ready: Any, go: Any,
-           held: Any, out: Any) -> None:
+           warm: Any, held: Any, out: Any) -> None:
     try:
         problems = _Problems()
         logging.getLogger().addHandler(problems)
@@ -107,13 +112,21 @@ def _child(lib: RenewingLibrary, url: str, prefix: str, count: int, ready: Any, 
                 raise RuntimeError("an uncontended P3 lock could not be acquired")
         acquire_seconds = time.monotonic() - started
         ready.put(os_threads() - base_threads)
-        seconds = go.get()
-        rt0 = server.RoundTrips.value()
+        warmup, seconds = go.get()
+        rt_start = server.RoundTrips.value()
         peak = os_threads()
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            time.sleep(min(0.5, left))
-            peak = max(peak, os_threads())
+
+        def hold(duration: float) -> None:
+            nonlocal peak
+            end = time.monotonic() + duration
+            while (left := end - time.monotonic()) > 0:
+                time.sleep(min(0.5, left))
+                peak = max(peak, os_threads())
+
+        hold(warmup)
+        warm.put("warm")
+        rt0 = server.RoundTrips.value()
+        hold(seconds)
         rt1 = server.RoundTrips.value()
         held.put("held")
         lost = sum(not lib.still_ours(lock) for lock in locks)
@@ -126,6 +139,7 @@ def _child(lib: RenewingLibrary, url: str, prefix: str, count: int, ready: Any, 
             "threads_created": peak - base_threads,
             "acquire_seconds": acquire_seconds,
             "round_trips_per_s": (rt1 - rt0) / seconds,
+            "round_trips_whole_hold": rt1 - rt_start,
             "locks_lost": lost,
             "warnings_logged": problems.count,
             "warning_examples": problems.examples,
@@ -136,10 +150,13 @@ def _child(lib: RenewingLibrary, url: str, prefix: str, count: int, ready: Any, 
         out.put({"error": traceback.format_exc()})
 
 
-def run_once(url: str, lib: RenewingLibrary, count: int, seconds: float, prefix: str) -> dict[str, Any]:
+def run_once(url: str, lib: RenewingLibrary, count: int, seconds: float, prefix: str,
+             warmup: float = WARMUP) -> dict[str, Any]:
+    """Hold ``count`` locks for ``warmup + seconds``; renewal cost is measured over the last ``seconds``."""
     ctx = mp.get_context("fork")
-    ready, go, held, out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_child, args=(lib, url, prefix, count, ready, go, held, out), daemon=True)
+    ready, go, warm, held, out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
+    args = (lib, url, prefix, count, ready, go, warm, held, out)
+    proc = ctx.Process(target=_child, args=args, daemon=True)
     proc.start()
     admin = server.sync_client(url)
     try:
@@ -148,8 +165,9 @@ def run_once(url: str, lib: RenewingLibrary, count: int, seconds: float, prefix:
         except Exception:
             result = out.get(timeout=5)
             raise RuntimeError(result.get("error", "P3 child did not start")) from None
+        go.put((warmup, seconds))
+        warm.get(timeout=warmup + 60)
         before = server.commandstats(admin)
-        go.put(seconds)
         held.get(timeout=seconds + 60)
         after = server.commandstats(admin)
         result: dict[str, Any] = out.get(timeout=300)
@@ -164,13 +182,18 @@ def run_once(url: str, lib: RenewingLibrary, count: int, seconds: float, prefix:
     result["commands_per_s"] = sum(delta.values()) / seconds
     result["commands_by_name_per_s"] = {k: v / seconds for k, v in sorted(delta.items())}
     result["seconds"] = seconds
+    result["warmup_seconds"] = warmup
+    whole = warmup + seconds
+    result["round_trips_per_interval_whole_hold"] = (
+        result["round_trips_whole_hold"] / whole * lib.renewal_interval
+    )
     result["renewal_interval_s"] = lib.renewal_interval
     result["round_trips_per_interval"] = result["round_trips_per_s"] * lib.renewal_interval
     return result
 
 
 def run(url: str, counts: list[int], seconds: dict[int, float], prefix: str,
-        only: set[str] | None = None) -> dict[str, Any]:
+        only: set[str] | None = None, warmup: float = WARMUP) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for lib in RENEWING_LIBRARIES:
         if only is not None and lib.key not in only:
@@ -181,7 +204,8 @@ def run(url: str, counts: list[int], seconds: dict[int, float], prefix: str,
             continue
         runs = {}
         for count in counts:
-            runs[str(count)] = run_once(url, lib, count, seconds[count], f"{prefix}p3:{lib.key}:{count}:")
+            runs[str(count)] = run_once(url, lib, count, seconds[count], f"{prefix}p3:{lib.key}:{count}:",
+                                        warmup)
         out[lib.key] = {"label": lib.label, "runs": runs}
     for key, why in NO_RENEWAL.items():
         if only is None or key in only:
