@@ -30,8 +30,8 @@ PHASES = ("P1", "P2", "P3", "P4", "P5", "P6")
 @dataclass(frozen=True)
 class Config:
     name: str
-    p1_reps: int = 5
-    p1_seconds: float = 1.5
+    p1_reps: int = 7
+    p1_seconds: float = 1.0
     p1_census_pairs: int = 200
     p2_procs: tuple[int, ...] = (2, 4, 8)
     p2_reps: int = 3
@@ -41,7 +41,7 @@ class Config:
     p3_seconds: dict[int, float] = field(default_factory=lambda: {1: 27.0, 100: 27.0, 1000: 27.0})
     p3_warmup: float = 3.0
     p4_tasks: int = 1000
-    p4_reps: int = 3
+    p4_reps: int = 5
     p5_calls: int = 100
     p5_copies: int = 10
     p5_slow: float = 0.25
@@ -146,6 +146,7 @@ def run_suite(config: Config, out_dir: Path, phases: set[str] | None = None, onl
     prefix = f"dlbench:{uuid.uuid4().hex[:8]}:"
     skipped: dict[str, str] = {}
     t_start = time.monotonic()
+    machine0, own0 = server.cpu_accounting()
     srv = server.start_server()
     results: dict[str, Any] = {
         "config": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()})
@@ -211,6 +212,13 @@ def run_suite(config: Config, out_dir: Path, phases: set[str] | None = None, onl
         srv.stop()
     results["load_average"]["end"] = server.load_average()
     results["seconds"] = time.monotonic() - t_start
+    machine1, own1 = server.cpu_accounting()
+    results["cpu_during_run"] = {
+        "cores_busy_avg": (machine1 - machine0) / results["seconds"],
+        "cores_used_by_this_run_avg": (own1 - own0) / results["seconds"],
+        "cores_used_by_other_processes_avg": max(0.0, (machine1 - machine0) - (own1 - own0))
+        / results["seconds"],
+    }
     results["targets"] = report.targets(results)
     results["handoff_cdf_ms"] = {
         shape: {key: [percentile(vals, q) for q in range(1, 100)] for key, vals in per_lib.items()}

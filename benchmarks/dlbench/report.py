@@ -136,6 +136,15 @@ def _p2_table(p2: dict[str, Any], labels: dict[str, str], holders: str) -> list[
     return lines
 
 
+def _cpu_line(results: dict[str, Any]) -> str:
+    cpu = results.get("cpu_during_run")
+    if not cpu:
+        return ""
+    return (f"CPU during the run (average cores busy, of {results['machine']['nproc']}): "
+            f"{cpu['cores_busy_avg']:.2f} in all, {cpu['cores_used_by_this_run_avg']:.2f} by this run, "
+            f"{cpu['cores_used_by_other_processes_avg']:.2f} by other processes.")
+
+
 def markdown(results: dict[str, Any], chart_file: Path | None) -> str:
     m = results["machine"]
     lines = [
@@ -147,6 +156,7 @@ def markdown(results: dict[str, Any], chart_file: Path | None) -> str:
         f"{m['redis_server']}, redis-py {m['redis_py']}, kernel {m['kernel']}.",
         f"Load average (1/5/15 min): start {results['load_average']['start']}, end "
         f"{results['load_average']['end']}.",
+        _cpu_line(results),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
         f"celery-dlock at commit `{results['git']['commit'][:10]}`"
         + (f" with uncommitted library changes in {len(results['git']['dirty_library_files'])} file(s)"

@@ -138,3 +138,23 @@ def machine_info(server: RedisServer) -> dict[str, Any]:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_accounting() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, CPU seconds used by this process and its reaped children).
+
+    The difference over a run is what other processes (other people's test runs) took
+    from the same cores while we measured.
+    """
+    import resource
+
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    machine = (user + nice + system + irq + softirq + steal) / tick
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        own += usage.ru_utime + usage.ru_stime
+    return machine, own
