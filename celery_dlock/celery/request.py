@@ -13,9 +13,13 @@ lock name from the request's arguments and deletes the lock only if its token
 says it is held by exactly this task id, node and child pid
 (:data:`celery_dlock.celery.tasklock.RELEASE_OWNED_BY`). It first makes sure
 the child is really gone (a hard time limit is reported just *before* billiard
-kills the child), polling for up to ``lock_timeout`` in a small thread. If the
-whole worker dies instead, the lease simply runs out, ``lock_timeout`` after the
-last renewal.
+kills the child), polling for up to ``lock_timeout`` in a small thread.
+
+Celery may take seconds to notice a dead pool process (see :class:`ChildWatch`),
+so the request class also watches, from ``on_accepted``, the process of every
+locked request while it is active, and releases as soon as that process is
+gone. If the whole worker dies instead, the lease simply runs out,
+``lock_timeout`` after the last renewal.
 
 Release happens before Celery's own handling (which may requeue an ``acks_late``
 message), so the redelivered message finds the lock free.
@@ -42,7 +46,7 @@ logger = logging.getLogger("celery_dlock.celery")
 
 #: Failures reported by the main process that mean the pool process is gone (or being killed).
 PROCESS_ENDED = (WorkerLostError, Terminated, TimeLimitExceeded, SystemExit, KeyboardInterrupt)
-POLL_INTERVAL = 0.05
+POLL_INTERVAL = 0.1
 
 
 def process_gone(pid: int) -> bool:
@@ -71,6 +75,9 @@ def release_abandoned(request: Any, exc: BaseException) -> None:
     pid = getattr(request, "worker_pid", None)
     if config is None or not pid or pid == os.getpid():
         return  # not a locked task, never started, or ran in this process (threads/solo pools)
+    if getattr(request, "_dlock_abandoned", False):
+        return  # the watcher and Celery's failure handler may both report one death
+    request._dlock_abandoned = True
     try:
         name = config.key.name_for(request.args or (), request.kwargs or {})
     except Exception as error:
@@ -113,6 +120,61 @@ def _release(task: Any, keys: LockKeys, name: str, owner: Owner, reason: str) ->
     )
 
 
+class ChildWatch:
+    """A main-process thread that notices within ``POLL_INTERVAL`` that a pool process died.
+
+    Celery itself may learn of a dead pool process only seconds later (it relies
+    on the process sentinel, which another pool process can keep open, and on a
+    5 s maintenance timer). Each accepted locked request is watched from
+    ``on_accepted`` until it is no longer active; when its process is gone, its
+    lock is released at once (the ``on_failure`` path then finds nothing left).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._requests: dict[int, tuple[Any, int]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, request: Any, pid: int) -> None:
+        with self._cond:
+            self._requests[id(request)] = (request, pid)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="celery-dlock-childwatch", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        from celery.worker.state import active_requests
+
+        while True:
+            with self._cond:
+                while not self._requests:
+                    self._cond.wait()
+                watched = list(self._requests.items())
+            for key, (request, pid) in watched:
+                try:
+                    if process_gone(pid):
+                        release_abandoned(request, WorkerLostError(f"pool process {pid} exited"))
+                    elif request in active_requests:
+                        continue
+                except Exception:  # never let the watcher die
+                    logger.exception("celery-dlock: checking pool process %s failed", pid)
+                with self._cond:
+                    self._requests.pop(key, None)
+            time.sleep(POLL_INTERVAL)
+
+
+_child_watch = ChildWatch()
+
+
+def _fresh_watch_in_child() -> None:
+    global _child_watch
+    _child_watch = ChildWatch()
+
+
+os.register_at_fork(after_in_child=_fresh_watch_in_child)
+
+
 _classes: dict[type, type] = {}
 _classes_lock = threading.Lock()
 
@@ -135,6 +197,12 @@ def locked_request_class(base: type) -> type:
                 if isinstance(exc, PROCESS_ENDED):
                     release_abandoned(self, exc)
                 return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+            def on_accepted(self, pid: int, time_accepted: float) -> Any:
+                result = super().on_accepted(pid, time_accepted)
+                if pid and pid != os.getpid() and getattr(self.task, "_dlock_config", None) is not None:
+                    _child_watch.add(self, pid)
+                return result
 
             def on_timeout(self, soft: bool, timeout: float) -> Any:
                 result = super().on_timeout(soft, timeout)

@@ -102,17 +102,19 @@ def run_locked(
 ) -> T:
     """Run ``body`` (the task body for this call) under the call's lock; see the module docstring."""
     request = task.request
-    if not request.called_directly and getattr(request, ACTIVE_ATTR, None) is not None:
-        return body()  # the body called itself in-process: it already holds this run's lock
     client = redis_client_for_app(task.app)
     acquisition = Acquisition(task, config, client, args, kwargs, request)
+    held = _current_lock.get()
+    if held is not None and held.keys.lock == acquisition.keys.lock:
+        return body()  # a locked body calling itself with the same key: it holds the lock already
     lock = acquisition.acquire()
     if lock is None:  # Redis unreachable and lock_on_redis_error="run"
         return body()
     active = ActiveRun(task, config, lock, client, time.monotonic())
     token = _current_lock.set(lock)
-    if request.called_directly:
-        # A plain call: no task_postrun will follow, so release here.
+    if request.called_directly or getattr(request, ACTIVE_ATTR, None) is not None:
+        # A plain call, or a call nested in a running body: task_postrun will not
+        # release this lock (it belongs to the outer run), so release it here.
         try:
             return body()
         finally:

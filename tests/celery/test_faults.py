@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 # The fault tasks hold 30 s leases; "released within this many seconds of the
 # kill" can only be the worker's main process releasing it, never the lease.
-RELEASED_WITHIN = 2.5
+RELEASED_WITHIN = 1.5
 
 
 @pytest.fixture(scope="module")

@@ -221,3 +221,23 @@ def test_locked_task_subclass_keeps_its_own_request_class(app: Celery) -> None:
 
     request_class = audited.Request
     assert issubclass(request_class, AuditRequest) and request_class.releases_abandoned_locks
+
+
+def test_a_locked_body_calling_its_task_again(app: Celery) -> None:
+    seen: list[tuple[str, int, Any]] = []
+
+    @app.task(base=LockedTask, bind=True, shared=False, name="inprocess.recursive",
+              lock_key="k:{key}", on_contention="fail")
+    def recursive(self: Any, key: str, depth: int) -> None:
+        seen.append((key, depth, self.lock))
+        if depth == 0:
+            recursive(key, 1)  # same key: runs under the outer lock, no self-deadlock
+            recursive(key + "-other", 1)  # another key: its own lock, released on return
+            assert not exists(app, recursive, key + "-other", 1)
+            assert exists(app, recursive, key, 0)
+
+    recursive("a", 0)
+    (_, _, outer), (_, _, same), (_, _, other) = seen
+    assert same is outer  # the very same lock object
+    assert other is not outer and other.key == "k:a-other"
+    assert not exists(app, recursive, "a", 0)
