@@ -183,7 +183,10 @@ def publish_once(
         state = "queued" if int(status) == 1 else "running"
         logger.info(
             "dedup_on_publish: %s with lock key %r is already %s as %s; not publishing another",
-            task.name, name, state, existing,
+            task.name,
+            name,
+            state,
+            existing,
         )
         return task.AsyncResult(existing)
     try:

@@ -36,6 +36,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -219,14 +220,20 @@ def _deduplicating_apply_async(config: TaskLockConfig, original: Callable[..., A
         if not dedup.should_deduplicate(config, options, self.app):
             return original(self, args, kwargs, task_id=task_id, **options)
         return dedup.publish_once(
-            self, config, redis_client_for_app(self.app), args, kwargs, task_id, options,
+            self,
+            config,
+            redis_client_for_app(self.app),
+            args,
+            kwargs,
+            task_id,
+            options,
             lambda chosen_id: original(self, args, kwargs, task_id=chosen_id, **options),
         )
 
     return apply_async
 
 
-_installations: dict[int, Installation] = {}
+_installations: weakref.WeakKeyDictionary[Any, Installation] = weakref.WeakKeyDictionary()
 _installations_lock = threading.Lock()
 
 
@@ -238,10 +245,10 @@ def install(app: Any, tasks: Mapping[str, Mapping[str, Any]] | None = None) -> I
     from ``app.conf`` and need the task's signature), with a clear error then.
     """
     with _installations_lock:
-        installation = _installations.get(id(app))
+        installation = _installations.get(app)
         first = installation is None
         if installation is None:
-            installation = _installations[id(app)] = Installation(app)
+            installation = _installations[app] = Installation(app)
     if tasks is not None:
         installation.add(tasks)
     if first:

@@ -55,11 +55,7 @@ class Retry:
             check_count("Retry(max_retries=...)", self.max_retries)
         if not isinstance(self.jitter, bool):
             raise TypeError(f"Retry(jitter=...) must be True or False, got {self.jitter!r}")
-        if (
-            self.countdown is not None
-            and self.backoff_max is not None
-            and self.backoff_max < self.countdown
-        ):
+        if self.countdown is not None and self.backoff_max is not None and self.backoff_max < self.countdown:
             raise ValueError(
                 f"Retry(backoff_max=...) must be >= countdown ({self.countdown!r}), got {self.backoff_max!r}"
             )

@@ -99,7 +99,12 @@ def release_abandoned(request: Any, exc: BaseException) -> None:
             time.sleep(POLL_INTERVAL)
         logger.warning(
             "pool process %s of %s[%s] is still alive %.1fs after %r; leaving its lock %r to its lease",
-            pid, task.name, request.id, config.timeout, exc, name,
+            pid,
+            task.name,
+            request.id,
+            config.timeout,
+            exc,
+            name,
         )
 
     threading.Thread(target=release_when_gone, name="celery-dlock-abandoned", daemon=True).start()
@@ -188,6 +193,7 @@ def locked_request_class(base: type) -> type:
 
         class LockedRequest(base):  # type: ignore[misc]
             releases_abandoned_locks = True
+
             def on_failure(
                 self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
             ) -> Any:

@@ -184,7 +184,8 @@ class Acquisition:
 
     def _wait_for_earlier_delivery(self) -> TaskLock:
         self._announce(
-            Owner(self.task_id, "", 0), "wait-own",
+            Owner(self.task_id, "", 0),
+            "wait-own",
             "an earlier delivery of this same task id holds the lock; waiting for it to end",
         )
         while True:
@@ -197,8 +198,10 @@ class Acquisition:
         state = self._stored_state()
         if state in states.READY_STATES:
             logger.info(
-                "%s[%s]: the earlier delivery of this task id already ended with %s; "
-                "not running it again", self.task.name, self.task_id, state,
+                "%s[%s]: the earlier delivery of this task id already ended with %s; not running it again",
+                self.task.name,
+                self.task_id,
+                state,
             )
             finish_run(ActiveRun(self.task, self.config, lock, self.client, time.monotonic()), "duplicate")
             raise Ignore()
@@ -208,12 +211,18 @@ class Acquisition:
         if self.config.on_redis_error == "run":
             logger.warning(
                 "%s[%s] runs WITHOUT its lock %r: %s (lock_on_redis_error='run')",
-                self.task.name, self.task_id, self.name, error,
+                self.task.name,
+                self.task_id,
+                self.name,
+                error,
             )
             return None
         logger.warning(
             "%s[%s]: cannot take lock %r (%s); treating it as held (lock_on_redis_error='contention')",
-            self.task.name, self.task_id, self.name, error,
+            self.task.name,
+            self.task_id,
+            self.name,
+            error,
         )
         policy: Policy = self.config.policy
         if isinstance(policy, Wait):
@@ -238,7 +247,11 @@ class Acquisition:
             dedup.drop_queued(self.client, self.keys, self.task_id)  # hand the marker over to the run lock
         logger.debug(
             "%s[%s] acquired lock %r (fence %s) after %.3fs",
-            self.task.name, self.task_id, self.name, lock.fence, waited,
+            self.task.name,
+            self.task_id,
+            self.name,
+            lock.fence,
+            waited,
         )
         lock_acquired.send(
             sender=self.task, task_id=self.task_id, key=self.name, fence=lock.fence, waited=waited
@@ -408,13 +421,21 @@ def finish_run(
     except LockError as exc:
         logger.warning(
             "could not release lock %r of %s[%s] (%s); it ends when its lease runs out",
-            lock.name, active.task.name, task_id, exc,
+            lock.name,
+            active.task.name,
+            task_id,
+            exc,
         )
         released = False
     held = time.monotonic() - active.acquired_at
     logger.debug(
         "%s[%s] released lock %r (fence %s) after %.3fs%s",
-        active.task.name, task_id, lock.name, fence, held, "" if released else " (it had been lost)",
+        active.task.name,
+        task_id,
+        lock.name,
+        fence,
+        held,
+        "" if released else " (it had been lost)",
     )
     lock_released.send(
         sender=active.task, task_id=task_id, key=lock.name, fence=fence, released=released, reason=reason
@@ -422,8 +443,12 @@ def finish_run(
 
 
 def _release_after_run(
-    sender: Any = None, task_id: str | None = None, task: Any = None, state: str | None = None,
-    retval: Any = None, **_: Any,
+    sender: Any = None,
+    task_id: str | None = None,
+    task: Any = None,
+    state: str | None = None,
+    retval: Any = None,
+    **_: Any,
 ) -> None:
     task = task if task is not None else sender
     if task is None:

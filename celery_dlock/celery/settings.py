@@ -70,9 +70,7 @@ def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[An
     """Each option's value and where it came from (the option name, or the setting that filled it)."""
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
-        raise TypeError(
-            f"unknown lock option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}"
-        )
+        raise TypeError(f"unknown lock option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
     values: dict[str, tuple[Any, str]] = {}
     for option in OPTIONS:
         value = given.get(option.attribute)

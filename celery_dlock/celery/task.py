@@ -105,14 +105,26 @@ class LockedTask(Task):  # type: ignore[misc]
         everything = dict(options, link=link, link_error=link_error)
         if not dedup.should_deduplicate(config, everything, self.app):
             return super().apply_async(
-                args, kwargs, task_id=task_id, producer=producer, link=link, link_error=link_error,
-                shadow=shadow, **options,
+                args,
+                kwargs,
+                task_id=task_id,
+                producer=producer,
+                link=link,
+                link_error=link_error,
+                shadow=shadow,
+                **options,
             )
 
         def publish(chosen_id: str) -> Any:
             return super(LockedTask, self).apply_async(
-                args, kwargs, task_id=chosen_id, producer=producer, link=link, link_error=link_error,
-                shadow=shadow, **options,
+                args,
+                kwargs,
+                task_id=chosen_id,
+                producer=producer,
+                link=link,
+                link_error=link_error,
+                shadow=shadow,
+                **options,
             )
 
         client = redis_client_for_app(self.app)

@@ -107,6 +107,31 @@ def test_fail_policy_fails_at_once_with_lock_not_acquired(basic: ModuleType, tag
     assert first.get(timeout=10)["task_id"] == first.id
 
 
+def test_retry_gives_up_after_lock_max_retries(basic: ModuleType, tag: str) -> None:
+    holder = basic.retry_few.delay(tag, 2.0)
+    wait_until(lambda: records().llen(f"{basic.RUN}:started:{tag}"), 10)
+    late = basic.retry_few.delay(tag, 2.0)  # 2 lock retries of 0.05 s and 0.1 s: gone in ~0.2 s
+    with pytest.raises(LockNotAcquired, match="gave up after 2 lock retries") as failure:
+        late.get(timeout=10)
+    assert holder.id in str(failure.value)
+    assert holder.get(timeout=10)["task_id"] == holder.id
+    assert len(read_records(tag)) == 1
+
+
+def test_wait_falls_back_to_retry_and_then_runs(basic: ModuleType, tag: str) -> None:
+    holder = basic.wait_then_retry.delay(tag, 1.0)
+    wait_until(lambda: records().llen(f"{basic.RUN}:started:{tag}"), 10)
+    late = basic.wait_then_retry.delay(tag, 1.0)  # waits 0.2 s, then lock retries
+    assert late.get(timeout=20)["task_id"] == late.id
+    holder.get(timeout=10)
+    ran = read_records(tag)
+    assert len(ran) == 2
+    assert_no_overlap(ran)
+    key = basic.wait_then_retry.lock_name_for(tag, 1.0)
+    counts = events(basic, key)
+    assert counts.get("contended:wait", 0) >= 1 and counts.get("contended:retry", 0) >= 1
+
+
 def test_different_arguments_run_concurrently_same_arguments_do_not(basic: ModuleType, tag: str) -> None:
     different = [basic.order_task.delay(tag, 1, 1.0), basic.order_task.delay(tag, 2, 1.0)]
     outcomes(different, timeout=30)

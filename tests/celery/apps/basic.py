@@ -31,6 +31,22 @@ def wait_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)
 
 
+@app.task(
+    base=LockedTask, bind=True, lock_timeout=2,
+    on_contention=Retry(countdown=0.05, backoff_max=0.1, max_retries=2, jitter=False),
+)
+def retry_few(self: Any, tag: str, seconds: float) -> dict[str, Any]:
+    return run_recorded(self, tag, seconds)
+
+
+@app.task(
+    base=LockedTask, bind=True, lock_timeout=2,
+    on_contention=Wait(timeout=0.2, then=Retry(countdown=0.1, backoff_max=0.3, max_retries=100)),
+)
+def wait_then_retry(self: Any, tag: str, seconds: float) -> dict[str, Any]:
+    return run_recorded(self, tag, seconds)
+
+
 @app.task(base=LockedTask, bind=True, lock_timeout=2, on_contention="fail")
 def fail_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)
