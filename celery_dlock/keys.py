@@ -45,19 +45,38 @@ def check_prefix(prefix: object) -> str:
 
 @dataclass(frozen=True)
 class LockKeys:
-    """The three Redis names that belong to one lock.
+    """The Redis names that belong to one lock.
 
     ``lock``: the lease itself (value = owner token, server-side PX expiry).
     ``fence``: a counter incremented on every acquisition; it has no expiry, so
     fencing tokens never go backwards while the Redis dataset survives.
-    ``channel``: pub/sub channel a release publishes on, to wake waiters.
+    ``waiters``: sorted set of blocked acquirers' tokens, by arrival (FIFO handoff).
+    ``next``: the token a release handed the lock to; only it may acquire until
+    this key expires (a short window), so the releaser cannot barge back in.
+    ``channel``: pub/sub channel a release publishes the next token on.
     """
 
     lock: str
     fence: str
+    waiters: str
+    next: str
     channel: str
 
     @classmethod
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
         base = f"{prefix}{{{name}}}"
-        return cls(lock=base, fence=f"{base}:fence", channel=f"{base}:released")
+        return cls(
+            lock=base,
+            fence=f"{base}:fence",
+            waiters=f"{base}:waiters",
+            next=f"{base}:next",
+            channel=f"{base}:released",
+        )
+
+    @property
+    def acquire_keys(self) -> list[str]:
+        return [self.lock, self.fence, self.waiters, self.next]
+
+    @property
+    def release_keys(self) -> list[str]:
+        return [self.lock, self.waiters, self.next, self.channel]

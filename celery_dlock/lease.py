@@ -36,6 +36,12 @@ TOKEN_BYTES = 16  # 128 bits from os.urandom
 # (a late renewal is harmless anyway: it is token-checked and finds no key).
 RENEWAL_DRAIN_WAIT = 2.0
 
+# After a release hands the lock to the longest waiter, only that waiter may take
+# it for this long; if it does not (it died, or is very slow to wake), anyone may.
+HANDOFF_WINDOW_MS = 250
+# The waiters queue of a lock expires this long after the last waiter joined.
+WAITERS_TTL_MS = 10 * 60 * 1000
+
 # A blocking waiter that cannot reach Redis tries again after at least this long.
 MIN_WAIT_AFTER_ERROR = 0.05
 
@@ -100,6 +106,11 @@ class AttemptPlan:
             self._attempts_left = options.retry_times or math.inf
         else:
             self._attempts_left = options.retry_times
+
+    @property
+    def queue_mode(self) -> str:
+        """'wait' when a failed attempt will be followed by another (join the FIFO queue), else 'try'."""
+        return "wait" if self._attempts_left > 0 else "try"
 
     def may_retry(self, now: float) -> bool:
         """Whether another attempt will follow a failed one (checked before subscribing)."""

@@ -21,7 +21,9 @@ from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
+    HANDOFF_WINDOW_MS,
     RENEWAL_DRAIN_WAIT,
+    WAITERS_TTL_MS,
     AcquireReply,
     AttemptPlan,
     LockCore,
@@ -121,30 +123,47 @@ class DistributedLock(LockCore):
         check_bool("blocking", blocking)
         token = self._start_attempt()
         plan = AttemptPlan(self.options, blocking, time.monotonic())
-        reply = self._attempt(token)
+        mode = plan.queue_mode
+        reply = self._attempt(token, mode)
         if reply.acquired:
             return True
-        if not plan.may_retry(time.monotonic()):
-            return reply.give_up()
-        with notifier_for(self.redis).watch(self.keys.channel) as released:
-            reply = self._attempt(token)
-            while not reply.acquired:
-                wait = plan.next_wait(reply, time.monotonic())
-                if wait is None:
-                    return reply.give_up()
-                released.wait(wait)
-                released.clear()
-                reply = self._attempt(token)
+        try:
+            if not plan.may_retry(time.monotonic()):
+                return self._give_up(token, mode, reply)
+            with notifier_for(self.redis).watch(self.keys.channel, token) as handed_over:
+                reply = self._attempt(token, mode)
+                while not reply.acquired:
+                    wait = plan.next_wait(reply, time.monotonic())
+                    if wait is None:
+                        return self._give_up(token, mode, reply)
+                    handed_over.wait(wait)
+                    handed_over.clear()
+                    reply = self._attempt(token, mode)
+        except BaseException:
+            if self._token != token:  # interrupted while waiting: leave the queue
+                self._leave_queue(token)
+            raise
         return True
 
-    def _attempt(self, token: str) -> AcquireReply:
+    def _give_up(self, token: str, mode: str, reply: AcquireReply) -> bool:
+        if mode == "wait":  # leave the queue, so no release hands the lock to us
+            self._leave_queue(token)
+        return reply.give_up()
+
+    def _leave_queue(self, token: str) -> None:
+        try:
+            self.redis.zrem(self.keys.waiters, token)
+        except RedisError as exc:
+            logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
+
+    def _attempt(self, token: str, mode: str) -> AcquireReply:
         sent_at = time.monotonic()
         try:
             raw = run_script(
                 self.redis,
                 ACQUIRE,
-                [self.keys.lock, self.keys.fence],
-                [token, self.options.timeout_ms],
+                self.keys.acquire_keys,
+                [token, self.options.timeout_ms, mode, WAITERS_TTL_MS],
             )
             reply = AcquireReply.parse(raw)
             if reply.acquired:
@@ -167,8 +186,9 @@ class DistributedLock(LockCore):
 
     def _abandon(self, token: str) -> None:
         get_watchdog().untrack(self, wait=0)
+        self._leave_queue(token)
         try:
-            run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token])
+            run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS])
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -188,7 +208,9 @@ class DistributedLock(LockCore):
             return False
         get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
-            released = bool(run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token]))
+            released = bool(
+                run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS])
+            )
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
         if not released and self._mark_lost("at release it had expired or been taken over"):

@@ -1,10 +1,12 @@
-"""Waking blocked acquirers when a lock is released (sync side).
+"""Waking blocked acquirers when a lock is handed to them (sync side).
 
-A release publishes on the lock's channel inside the release script. Every
+A release that finds waiters hands the lock to the longest one and publishes
+that waiter's token on the lock's channel (inside the release script). Every
 process keeps **one** pub/sub connection per Redis server, read by one daemon
-thread, and any number of waiters register on it; a waiter subscribes (and
-waits for the server to confirm) *before* its next attempt, so a release that
-happens between a failed attempt and the wait is never missed.
+thread, and any number of waiters register on it by token, so a release wakes
+exactly the waiter it chose (the payload ``*`` wakes all). A waiter subscribes
+(and waits for the server to confirm) *before* its next attempt, so a handover
+that happens between a failed attempt and the wait is never missed.
 
 Expiry publishes nothing, so waiters never sleep longer than the holder's
 remaining lease (see :class:`celery_dlock.lease.AttemptPlan`).
@@ -40,17 +42,19 @@ class ReleaseNotifier:
         self._client = client
         self._pubsub: Any = None
         self._mutex = threading.Lock()
-        self._waiters: dict[str, set[threading.Event]] = {}
+        self._waiters: dict[str, dict[str, threading.Event]] = {}
         self._confirmed: dict[str, threading.Event] = {}
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watch(self, channel: str, confirm_timeout: float = CONFIRM_TIMEOUT) -> Iterator[threading.Event]:
-        """Subscribe to ``channel`` for the duration of the block; yields an Event set on each release."""
+    def watch(
+        self, channel: str, token: str, confirm_timeout: float = CONFIRM_TIMEOUT
+    ) -> Iterator[threading.Event]:
+        """Subscribe to ``channel`` for the block; yields an Event set when ``token`` is handed the lock."""
         wake = threading.Event()
         subscribed = True
         with self._mutex:
-            waiters = self._waiters.setdefault(channel, set())
+            waiters = self._waiters.setdefault(channel, {})
             if not waiters:
                 self._confirmed[channel] = threading.Event()
                 try:
@@ -59,14 +63,14 @@ class ReleaseNotifier:
                     logger.debug("subscribe to %s failed: %r", channel, exc)
                     subscribed = False
             confirmed = self._confirmed[channel]
-            waiters.add(wake)
+            waiters[token] = wake
         try:
             if subscribed:
                 confirmed.wait(confirm_timeout)
             yield wake
         finally:
             with self._mutex:
-                waiters.discard(wake)
+                waiters.pop(token, None)
                 if not waiters and self._waiters.get(channel) is waiters:
                     del self._waiters[channel]
                     del self._confirmed[channel]
@@ -109,15 +113,24 @@ class ReleaseNotifier:
                     if confirmed is not None:
                         confirmed.set()
                 elif kind == "message":
-                    for wake in self._waiters.get(channel, ()):
-                        wake.set()
+                    self._dispatch(channel, _text(message.get("data", "*")))
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        """Wake the waiter the lock was handed to (called with the mutex held)."""
+        waiters = self._waiters.get(channel, {})
+        chosen = waiters.get(payload)
+        if chosen is not None:
+            chosen.set()
+        elif payload == "*":
+            for wake in waiters.values():
+                wake.set()
 
     def _wake_all(self, confirm: bool) -> None:
         with self._mutex:
             for channel, waiters in self._waiters.items():
                 if confirm:
                     self._confirmed[channel].set()
-                for wake in waiters:
+                for wake in waiters.values():
                     wake.set()
 
 

@@ -23,31 +23,58 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] lease in ms.
-# Returns {1, fence} when acquired, {0, remaining lease in ms} when held by someone
-# else (-1: held without expiry), so a waiter knows how long it may need to wait.
+# KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set), KEYS[4] next;
+# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] 'wait' (a blocking acquirer that will
+# try again) or 'try', ARGV[4] lifetime of the waiters set in ms.
+# Takes the lock if it is free and not handed to another waiter; a 'wait' caller
+# that fails joins the queue (once: NX keeps its place). Returns {1, fence} when
+# acquired, else {0, ms until it is worth trying again} (-1: held without expiry).
 ACQUIRE = Script(
     "acquire",
     """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local handed_to = redis.call('GET', KEYS[4])
+if (not handed_to or handed_to == ARGV[1])
+    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if handed_to then
+    redis.call('DEL', KEYS[4])
+  end
+  if ARGV[3] == 'wait' then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+  end
   return {1, redis.call('INCR', KEYS[2])}
 end
-return {0, redis.call('PTTL', KEYS[1])}
+if ARGV[3] == 'wait' then
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+end
+local remaining = redis.call('PTTL', KEYS[1])
+if remaining == -2 then
+  remaining = redis.call('PTTL', KEYS[4])
+end
+return {0, remaining}
 """,
 )
 
-# KEYS[1] lock, KEYS[2] release channel; ARGV[1] token.
-# Deletes the lock only if it still holds our token, then wakes the waiters.
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] next, KEYS[4] channel; ARGV[1] token,
+# ARGV[2] handoff window in ms.
+# Deletes the lock only if it still holds our token. If someone is waiting, hands
+# the lock to the longest waiter (only it may take it during the window) and
+# publishes that waiter's token, which wakes just that waiter.
 # Returns 1 when released, 0 when the lock was not ours (expired or taken over).
 RELEASE = Script(
     "release",
     """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', KEYS[2], '1')
-  return 1
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('DEL', KEYS[1])
+local head = redis.call('ZPOPMIN', KEYS[2])
+if head[1] then
+  redis.call('SET', KEYS[3], head[1], 'PX', ARGV[2])
+  redis.call('PUBLISH', KEYS[4], head[1])
+end
+return 1
 """,
 )
 

@@ -22,7 +22,8 @@ LOCK_USER_RULES = [
     "~dlock:*", "&dlock:*",
     "+ping", "+hello", "+exists",
     "+evalsha", "+eval", "+script|load",
-    "+set", "+get", "+del", "+incr", "+pttl", "+pexpire", "+publish",
+    "+set", "+get", "+del", "+incr", "+pttl", "+pexpire", "+publish", "+time",
+    "+zadd", "+zrem", "+zpopmin",
     "+subscribe", "+unsubscribe",
 ]  # fmt: skip
 

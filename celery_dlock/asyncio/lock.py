@@ -23,7 +23,9 @@ from redis.exceptions import NoScriptError, RedisError
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
+    HANDOFF_WINDOW_MS,
     RENEWAL_DRAIN_WAIT,
+    WAITERS_TTL_MS,
     AcquireReply,
     AttemptPlan,
     LockCore,
@@ -115,30 +117,50 @@ class DistributedLock(LockCore):
         check_bool("blocking", blocking)
         token = self._start_attempt()
         plan = AttemptPlan(self.options, blocking, time.monotonic())
-        reply = await self._attempt(token)
+        mode = plan.queue_mode
+        reply = await self._attempt(token, mode)
         if reply.acquired:
             return True
-        if not plan.may_retry(time.monotonic()):
-            return reply.give_up()
-        async with notifier_for(self.redis).watch(self.keys.channel) as released:
-            reply = await self._attempt(token)
-            while not reply.acquired:
-                wait = plan.next_wait(reply, time.monotonic())
-                if wait is None:
-                    return reply.give_up()
-                try:
-                    await asyncio.wait_for(released.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
-                released.clear()
-                reply = await self._attempt(token)
+        try:
+            if not plan.may_retry(time.monotonic()):
+                return await self._give_up(token, mode, reply)
+            async with notifier_for(self.redis).watch(self.keys.channel, token) as handed_over:
+                reply = await self._attempt(token, mode)
+                while not reply.acquired:
+                    wait = plan.next_wait(reply, time.monotonic())
+                    if wait is None:
+                        return await self._give_up(token, mode, reply)
+                    try:
+                        await asyncio.wait_for(handed_over.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    handed_over.clear()
+                    reply = await self._attempt(token, mode)
+        except asyncio.CancelledError:
+            if self._token != token:  # cancelled while waiting: leave the queue
+                _spawn(self._leave_queue(token))
+            raise
         return True
 
-    async def _attempt(self, token: str) -> AcquireReply:
+    async def _give_up(self, token: str, mode: str, reply: AcquireReply) -> bool:
+        if mode == "wait":  # leave the queue, so no release hands the lock to us
+            await self._leave_queue(token)
+        return reply.give_up()
+
+    async def _leave_queue(self, token: str) -> None:
+        try:
+            await self.redis.zrem(self.keys.waiters, token)
+        except RedisError as exc:
+            logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
+
+    async def _attempt(self, token: str, mode: str) -> AcquireReply:
         sent_at = time.monotonic()
         call = _spawn(
             run_script(
-                self.redis, ACQUIRE, [self.keys.lock, self.keys.fence], [token, self.options.timeout_ms]
+                self.redis,
+                ACQUIRE,
+                self.keys.acquire_keys,
+                [token, self.options.timeout_ms, mode, WAITERS_TTL_MS],
             )
         )
         try:
@@ -167,8 +189,9 @@ class DistributedLock(LockCore):
         except BaseException:
             pass
         get_watchdog().untrack_now(self)
+        await self._leave_queue(token)
         try:
-            await run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token])
+            await run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS])
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -182,7 +205,7 @@ class DistributedLock(LockCore):
         if token is None:
             return False
         await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
-        call = _spawn(run_script(self.redis, RELEASE, [self.keys.lock, self.keys.channel], [token]))
+        call = _spawn(run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS]))
         try:
             released = bool(await asyncio.shield(call))
         except asyncio.CancelledError:

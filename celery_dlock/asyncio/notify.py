@@ -1,8 +1,9 @@
-"""Waking blocked acquirers when a lock is released (asyncio side).
+"""Waking blocked acquirers when a lock is handed to them (asyncio side).
 
 The asyncio twin of :mod:`celery_dlock.notify`: per event loop and Redis
-server, one pub/sub connection read by one task; waiters subscribe (and wait
-for the server's confirmation) before their next attempt.
+server, one pub/sub connection read by one task; waiters register by token,
+so a release wakes only the waiter it handed the lock to, and subscribe (and
+wait for the server's confirmation) before their next attempt.
 """
 
 from __future__ import annotations
@@ -31,19 +32,19 @@ class AsyncReleaseNotifier:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._pubsub: Any = None
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, dict[str, asyncio.Event]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def watch(
-        self, channel: str, confirm_timeout: float = CONFIRM_TIMEOUT
+        self, channel: str, token: str, confirm_timeout: float = CONFIRM_TIMEOUT
     ) -> AsyncIterator[asyncio.Event]:
-        """Subscribe to ``channel`` for the block; yields an Event set on each release."""
+        """Subscribe to ``channel`` for the block; yields an Event set when ``token`` is handed the lock."""
         wake = asyncio.Event()
-        waiters = self._waiters.setdefault(channel, set())
+        waiters = self._waiters.setdefault(channel, {})
         first = not waiters
-        waiters.add(wake)
+        waiters[token] = wake
         if first:
             self._confirmed[channel] = asyncio.Event()
         confirmed = self._confirmed[channel]
@@ -60,7 +61,7 @@ class AsyncReleaseNotifier:
                     await asyncio.wait_for(confirmed.wait(), confirm_timeout)
             yield wake
         finally:
-            waiters.discard(wake)
+            waiters.pop(token, None)
             if not waiters and self._waiters.get(channel) is waiters:
                 del self._waiters[channel]
                 del self._confirmed[channel]
@@ -89,7 +90,7 @@ class AsyncReleaseNotifier:
                 logger.debug("release notifier connection error: %r", exc)
                 for channel, waiters in self._waiters.items():
                     self._confirmed[channel].set()
-                    for wake in waiters:
+                    for wake in waiters.values():
                         wake.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -103,8 +104,14 @@ class AsyncReleaseNotifier:
                 if confirmed is not None:
                     confirmed.set()
             elif kind == "message":
-                for wake in self._waiters.get(channel, ()):
-                    wake.set()
+                waiters = self._waiters.get(channel, {})
+                payload = _text(message.get("data", "*"))
+                chosen = waiters.get(payload)
+                if chosen is not None:
+                    chosen.set()
+                elif payload == "*":
+                    for wake in waiters.values():
+                        wake.set()
 
 
 _notifiers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncReleaseNotifier]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import redis
 
@@ -60,5 +61,23 @@ def async_count_under_lock(url: str, name: str, counter_key: str, rounds: int, l
         await client.aclose()
 
     asyncio.run(main())
+    with open(log_path, "w") as fh:
+        json.dump(intervals, fh)
+
+
+def hold_repeatedly(url: str, name: str, rounds: int, log_path: str, barrier: Any) -> None:
+    """Acquire, hold ~1 ms, release, immediately try again: the pattern that lets a releaser barge."""
+    client = redis.Redis.from_url(url)
+    client.ping()
+    intervals = []
+    barrier.wait(60)  # all processes start competing together
+    for _ in range(rounds):
+        lock = DistributedLock(client, name, timeout=10, blocking_timeout=60)
+        asked = time.monotonic()
+        with lock:
+            start = time.monotonic()
+            while time.monotonic() - start < 0.001:
+                pass
+            intervals.append((start, time.monotonic(), asked, os.getpid()))
     with open(log_path, "w") as fh:
         json.dump(intervals, fh)
