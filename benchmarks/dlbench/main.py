@@ -167,7 +167,7 @@ def run_suite(config: Config, out_dir: Path, phases: set[str] | None = None, onl
             log("P1 uncontended")
             res = p1.run(srv.url, sync_libs, prefix, config.p1_reps, config.p1_seconds,
                          config.p1_census_pairs)
-            p1.add_ratios(res, "floor")
+            p1.add_ratios(res, "floor", "redis-py")
             results["P1"] = res
             results["load_average"]["after_P1"] = server.load_average()
         if "P2" in phases and sync_libs:
@@ -201,7 +201,7 @@ def run_suite(config: Config, out_dir: Path, phases: set[str] | None = None, onl
             log("P6 asyncio")
             res = p1.run(srv.url, async_libs, prefix + "p6:", config.p1_reps, config.p1_seconds,
                          config.p1_census_pairs)
-            p1.add_ratios(res, "floor-async")
+            p1.add_ratios(res, "floor-async", "redis-py-async")
             summary, async_gaps = _contention(srv.url, async_libs, prefix + "p6c:",
                                               list(config.p6_configs), config.p2_reps,
                                               config.p2_seconds, log)

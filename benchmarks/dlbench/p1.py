@@ -166,7 +166,7 @@ def run(
         out[lib.key] = {
             "label": lib.label,
             "pairs_per_s": median(rates[lib.key]),
-            "pairs_per_s_reps": [round(r, 1) for r in rates[lib.key]],
+            "pairs_per_s_reps": rates[lib.key],
             "commands_per_pair": median(commands[lib.key]),
             # Client-side CPU per pair (this process): steadier than pairs/s on a shared machine.
             "client_cpu_us_per_pair": median(cpu_us[lib.key]),
@@ -175,7 +175,17 @@ def run(
     return out
 
 
-def add_ratios(results: dict[str, Any], floor_key: str) -> None:
-    floor = results.get(floor_key, {}).get("pairs_per_s")
+def per_rep_ratio(a: list[float], b: list[float]) -> float | None:
+    """Median over repetitions of a[i] / b[i]: both ran back to back in repetition i, so
+    a drift of machine load between repetitions cancels out."""
+    return median([x / y for x, y in zip(a, b, strict=False) if y])
+
+
+def add_ratios(results: dict[str, Any], floor_key: str, other_key: str | None = None) -> None:
+    floor = results.get(floor_key, {}).get("pairs_per_s_reps")
     for entry in results.values():
-        entry["ratio_to_floor"] = entry["pairs_per_s"] / floor if floor else None
+        entry["ratio_to_floor"] = per_rep_ratio(entry["pairs_per_s_reps"], floor) if floor else None
+    other = results.get(other_key or "", {}).get("pairs_per_s_reps")
+    if other:
+        for entry in results.values():
+            entry[f"ratio_to_{other_key}"] = per_rep_ratio(entry["pairs_per_s_reps"], other)

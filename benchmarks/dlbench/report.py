@@ -47,9 +47,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if d:
         ratio = d.get("ratio_to_floor")
         add("P1", ">= 0.9 x floor pairs/s", f"{_f(ratio)} x", None if ratio is None else ratio >= 0.9)
-        rp = _get(p1, "redis-py", "pairs_per_s")
-        add("P1", ">= redis-py Lock pairs/s", f"{_f(d['pairs_per_s'])} vs {_f(rp)}",
-            None if rp is None else d["pairs_per_s"] >= rp)
+        vs_rp = d.get("ratio_to_redis-py")
+        add("P1", ">= redis-py Lock pairs/s", f"{_f(vs_rp)} x redis-py Lock",
+            None if vs_rp is None else vs_rp >= 1.0)
         rta, rtr = d["round_trips_per_acquire"], d["round_trips_per_release"]
         add("P1", "1 round trip per acquire, 1 per release", f"{_f(rta)} / {_f(rtr)}",
             abs(rta - 1) < 1e-9 and abs(rtr - 1) < 1e-9)
@@ -79,12 +79,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if locked:
         add("P4", "LockedTask >= 0.85 x plain Task", f"{_f(locked['ratio_to_plain'])} x",
             locked["ratio_to_plain"] >= 0.85)
-        peers = {k: v["tasks_per_s"] for k, v in p4.items()
+        peers = {k: v["ratio_to_plain"] for k, v in p4.items()
                  if k.startswith(("celery-once", "celery-singleton"))}
         add("P4", "LockedTask ahead of QueueOnce and Singleton",
-            f"{_f(locked['tasks_per_s'])} vs "
-            + ", ".join(f"{k.split()[0]} {_f(v)}" for k, v in peers.items()),
-            all(locked["tasks_per_s"] > v for v in peers.values()) if peers else None)
+            f"{_f(locked['ratio_to_plain'])} x plain vs "
+            + ", ".join(f"{k.split()[0]} {_f(v)} x" for k, v in peers.items()),
+            all(locked["ratio_to_plain"] > v for v in peers.values()) if peers else None)
     elif "P4" in results:
         why = _get(results, "P4", "missing", "LockedTask") or _get(results, "P4", "skipped")
         add("P4", "LockedTask >= 0.85 x plain, ahead of peers", f"skipped: {why}", None)
