@@ -48,27 +48,29 @@ async def _timed_async(lock: Any, seconds: float) -> tuple[int, float]:
     return pairs, now - start
 
 
-def _measure_once(
-    lib: Library, url: str, name: str, seconds: float, warmup: int
-) -> tuple[int, float, int, float]:
-    """(pairs, elapsed, server commands, client CPU seconds) for one timed run."""
+Measurement = tuple[int, float, int, float, float]
+
+
+def _measure_once(lib: Library, url: str, name: str, seconds: float, warmup: int) -> Measurement:
+    """(pairs, elapsed, server commands, client CPU seconds, server CPU seconds) for one timed run."""
     admin = server.sync_client(url)
     try:
         if lib.is_async:
 
-            async def go() -> tuple[int, float, int, float]:
+            async def go() -> Measurement:
                 client = server.async_client(url)
                 try:
                     lock = lib.make(client, name, PARAMS)
                     for _ in range(warmup):
                         await lock.acquire()
                         await lock.release()
-                    before = server.commandstats(admin)
+                    before, scpu = server.commandstats(admin), server.server_cpu(admin)
                     cpu = time.process_time()
                     pairs, elapsed = await _timed_async(lock, seconds)
                     cpu = time.process_time() - cpu
+                    scpu = server.server_cpu(admin) - scpu
                     after = server.commandstats(admin)
-                    return pairs, elapsed, sum(server.command_delta(before, after).values()), cpu
+                    return pairs, elapsed, sum(server.command_delta(before, after).values()), cpu, scpu
                 finally:
                     await client.aclose()
 
@@ -79,12 +81,13 @@ def _measure_once(
             for _ in range(warmup):
                 lock.acquire()
                 lock.release()
-            before = server.commandstats(admin)
+            before, scpu = server.commandstats(admin), server.server_cpu(admin)
             cpu = time.process_time()
             pairs, elapsed = _timed_sync(lock, seconds)
             cpu = time.process_time() - cpu
+            scpu = server.server_cpu(admin) - scpu
             after = server.commandstats(admin)
-            return pairs, elapsed, sum(server.command_delta(before, after).values()), cpu
+            return pairs, elapsed, sum(server.command_delta(before, after).values()), cpu, scpu
         finally:
             client.close()
     finally:
@@ -152,14 +155,18 @@ def run(
     rates: dict[str, list[float]] = {lib.key: [] for lib in libraries}
     commands: dict[str, list[float]] = {lib.key: [] for lib in libraries}
     cpu_us: dict[str, list[float]] = {lib.key: [] for lib in libraries}
+    server_us: dict[str, list[float]] = {lib.key: [] for lib in libraries}
     for rep in range(reps):
         order = libraries[rep % len(libraries):] + libraries[: rep % len(libraries)]
         for lib in order:
             name = f"{prefix}p1:{lib.key}"
-            pairs, elapsed, cmds, cpu = _measure_once(lib, url, name, seconds, warmup=50 if rep == 0 else 10)
+            pairs, elapsed, cmds, cpu, scpu = _measure_once(
+                lib, url, name, seconds, warmup=50 if rep == 0 else 10
+            )
             rates[lib.key].append(pairs / elapsed)
             commands[lib.key].append(cmds / pairs)
             cpu_us[lib.key].append(cpu / pairs * 1e6)
+            server_us[lib.key].append(scpu / pairs * 1e6)
     out: dict[str, Any] = {}
     for lib in libraries:
         census = _census(lib, url, f"{prefix}p1c:{lib.key}", census_pairs)
@@ -170,6 +177,8 @@ def run(
             "commands_per_pair": median(commands[lib.key]),
             # Client-side CPU per pair (this process): steadier than pairs/s on a shared machine.
             "client_cpu_us_per_pair": median(cpu_us[lib.key]),
+            "server_cpu_us_per_pair": median(server_us[lib.key]),
+            "wall_us_per_pair": 1e6 / (median(rates[lib.key]) or 1.0),
             **census,
         }
     return out

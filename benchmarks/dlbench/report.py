@@ -106,13 +106,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _p1_table(p1: dict[str, Any], floor: str) -> list[str]:
     lines = [
-        f"| library | pairs/s (median) | x {floor} | client CPU us / pair | round trips / acquire "
-        "| round trips / release | Redis commands / pair |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| library | pairs/s (median) | x {floor} | us / pair | client CPU us / pair | "
+        "redis-server CPU us / pair | round trips / acquire | round trips / release "
+        "| Redis commands / pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in p1.values():
         lines.append(f"| {e['label']} | {_f(e['pairs_per_s'])} | {_f(e['ratio_to_floor'])} | "
-                     f"{_f(e.get('client_cpu_us_per_pair'), 0)} | "
+                     f"{_f(e.get('wall_us_per_pair'), 0)} | {_f(e.get('client_cpu_us_per_pair'), 0)} | "
+                     f"{_f(e.get('server_cpu_us_per_pair'), 0)} | "
                      f"{_f(e['round_trips_per_acquire'])} | {_f(e['round_trips_per_release'])} | "
                      f"{_f(e['commands_per_pair'], 1)} |")
     return lines

@@ -38,6 +38,12 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
     return out
 
 
+def server_cpu(client: redis.Redis) -> float:
+    """CPU seconds the redis-server process has used (``INFO cpu``, user + system)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def command_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """Calls per command between two snapshots, without the harness' own commands."""
     delta = {}
