@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 
 from celery_dlock.celery import TaskSkipped
-from tests.celery.apps.common import read_records, read_started
+from tests.celery.apps.common import close_gate, open_gate, read_records, read_started
 from tests.celery.conftest import load_app, start_worker
 from tests.celery.helpers import assert_no_overlap, outcomes, wait_until
 from tests.celery.test_worker import send_concurrently
@@ -48,7 +48,11 @@ def tag() -> str:
 
 
 def test_skip_20_concurrent_sends_run_once(amqp: ModuleType, tag: str) -> None:
-    values = outcomes(send_concurrently(amqp.skip_task, 20, tag, 3.0), timeout=60)
+    close_gate(tag)  # the first run holds its lock until all 20 were handled
+    results = send_concurrently(amqp.skip_task, 20, tag, 0.1)
+    wait_until(lambda: sum(r.ready() for r in results) == 19, 60, interval=0.05, what="19 skips")
+    open_gate(tag)
+    values = outcomes(results, timeout=60)
     ran = read_records(tag)
     assert len(ran) == 1
     assert sum(isinstance(v, TaskSkipped) for v in values) == 19
@@ -72,8 +76,12 @@ def test_wait_20_concurrent_sends_all_run_never_overlapping(amqp: ModuleType, ta
 
 
 def test_dedup_on_publish_returns_the_existing_id(amqp: ModuleType, tag: str) -> None:
-    first = amqp.dedup_task.delay(tag, 1.0)
-    assert amqp.dedup_task.delay(tag, 1.0).id == first.id
+    close_gate(tag)
+    first = amqp.dedup_task.delay(tag, 0.0)
+    assert amqp.dedup_task.delay(tag, 0.0).id == first.id
+    wait_until(lambda: read_started(tag), 10)
+    assert amqp.dedup_task.delay(tag, 0.0).id == first.id
+    open_gate(tag)
     first.get(timeout=15)
     assert len(read_records(tag)) == 1
 

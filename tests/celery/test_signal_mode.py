@@ -14,7 +14,7 @@ import pytest
 from celery_dlock import LockNotAcquired
 from celery_dlock.celery import TaskSkipped
 from celery_dlock.keys import LockKeys
-from tests.celery.apps.common import read_records, read_started, records, run_id
+from tests.celery.apps.common import close_gate, open_gate, read_records, read_started, records, run_id
 from tests.celery.conftest import load_app, start_worker
 from tests.celery.helpers import assert_no_overlap, outcomes, overlaps, wait_until
 from tests.celery.test_worker import send_concurrently
@@ -53,7 +53,10 @@ def test_tasks_keep_their_foreign_base_class(foreign: ModuleType) -> None:
 @pytest.mark.slow
 def test_skip_runs_once_and_reports_the_holder(foreign: ModuleType, tag: str) -> None:
     before = audited(foreign, "f_skip")
-    results = send_concurrently(foreign.f_skip, 8, tag, 2.0)
+    close_gate(tag)
+    results = send_concurrently(foreign.f_skip, 8, tag, 0.1)
+    wait_until(lambda: sum(r.ready() for r in results) == 7, 60, interval=0.05, what="7 skips")
+    open_gate(tag)
     values = outcomes(results, timeout=60)
     ran = read_records(tag)
     assert len(ran) == 1
@@ -82,11 +85,13 @@ def test_wait_from_dlock_tasks_setting_runs_all_without_overlap(foreign: ModuleT
 
 
 def test_fail_raises_lock_not_acquired(foreign: ModuleType, tag: str) -> None:
-    holder = foreign.f_fail.delay(tag, 1.5)
+    close_gate(tag)
+    holder = foreign.f_fail.delay(tag, 0.0)
     wait_until(lambda: read_started(tag), 10)
     with pytest.raises(LockNotAcquired) as failure:
-        foreign.f_fail.delay(tag, 1.5).get(timeout=10)
+        foreign.f_fail.delay(tag, 0.0).get(timeout=20)
     assert not isinstance(failure.value, TaskSkipped)
+    open_gate(tag)
     assert holder.get(timeout=10)["task_id"] == holder.id
 
 
@@ -98,9 +103,12 @@ def test_template_key_on_an_unbound_task(foreign: ModuleType, tag: str) -> None:
 
 
 def test_dedup_on_publish_from_dlock_tasks(foreign: ModuleType, tag: str) -> None:
-    first = foreign.f_dedup.delay(tag, 1.0)
-    assert foreign.f_dedup.delay(tag, 1.0).id == first.id
-    assert foreign.f_dedup.s(tag, 1.0).apply_async().id == first.id  # signature path too
+    close_gate(tag)
+    first = foreign.f_dedup.delay(tag, 0.0)
+    assert foreign.f_dedup.delay(tag, 0.0).id == first.id
+    wait_until(lambda: read_started(tag), 10)
+    assert foreign.f_dedup.s(tag, 0.0).apply_async().id == first.id  # signature path, while running
+    open_gate(tag)
     first.get(timeout=15)
     assert len(read_records(tag)) == 1
 

@@ -68,8 +68,31 @@ def started_list(tag: str) -> str:
     return f"{run_id()}:started:{tag}"
 
 
+def gate_key(tag: str) -> str:
+    return f"{run_id()}:gate:{tag}"
+
+
+def close_gate(tag: str) -> None:
+    """Runs of ``tag`` that start from now on hold until :func:`open_gate` (at most 60 s).
+
+    Tests use it instead of long sleeps: "the holder is still running" is then a
+    fact the test controls, not a race against a slow machine.
+    """
+    records().set(gate_key(tag), "closed", ex=300)
+
+
+def open_gate(tag: str) -> None:
+    records().set(gate_key(tag), "open", ex=300)
+
+
+def _wait_for_gate(tag: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while records().get(gate_key(tag)) == b"closed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def run_recorded(task: Any, tag: str, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The body of most test tasks: note the start, sleep, note the whole interval.
+    """The body of most test tasks: note the start, sleep (and wait for a closed gate), note the interval.
 
     Intervals use ``time.monotonic()``, which on Linux is one clock for every
     process of the machine, so intervals of different workers can be compared.
@@ -90,6 +113,7 @@ def run_recorded(task: Any, tag: str, seconds: float, extra: dict[str, Any] | No
     }
     records().rpush(started_list(tag), json.dumps(entry))
     time.sleep(seconds)
+    _wait_for_gate(tag)
     if lock is not None:
         lock.ensure_held()
     entry["end"] = time.monotonic()
