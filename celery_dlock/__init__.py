@@ -37,4 +37,3 @@ def __getattr__(name: str) -> object:
 
         return getattr(celery_layer, name)
     raise AttributeError(f"module 'celery_dlock' has no attribute {name!r}")
-

@@ -112,7 +112,7 @@ def release_abandoned(request: Any, exc: BaseException) -> None:
 
 def _release(task: Any, keys: LockKeys, name: str, owner: Owner, reason: str) -> None:
     try:
-        released = release_owned_by(redis_client_for_app(task.app), keys.lock, keys.channel, owner)
+        released = release_owned_by(redis_client_for_app(task.app), keys, owner)
     except Exception as error:
         logger.warning(
             "could not release lock %r of %s[%s] (%s): %r", name, task.name, owner.task_id, reason, error

@@ -103,7 +103,10 @@ def run_locked(
     """Run ``body`` (the task body for this call) under the call's lock; see the module docstring."""
     request = task.request
     client = redis_client_for_app(task.app)
-    acquisition = Acquisition(task, config, client, args, kwargs, request)
+    # A body that calls its own task in-process shares the running request: that
+    # inner call must behave like a direct call (never re-queue the outer message).
+    nested = not request.called_directly and getattr(request, ACTIVE_ATTR, None) is not None
+    acquisition = Acquisition(task, config, client, args, kwargs, request, nested)
     held = _current_lock.get()
     if held is not None and held.keys.lock == acquisition.keys.lock:
         return body()  # a locked body calling itself with the same key: it holds the lock already
@@ -112,7 +115,7 @@ def run_locked(
         return body()
     active = ActiveRun(task, config, lock, client, time.monotonic())
     token = _current_lock.set(lock)
-    if request.called_directly or getattr(request, ACTIVE_ATTR, None) is not None:
+    if request.called_directly or nested:
         # A plain call, or a call nested in a running body: task_postrun will not
         # release this lock (it belongs to the outer run), so release it here.
         try:
@@ -138,12 +141,13 @@ class Acquisition:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         request: Any,
+        nested: bool = False,
     ) -> None:
         self.task = task
         self.config = config
         self.client = client
         self.request = request
-        self.in_process = bool(request.called_directly or request.is_eager)
+        self.in_process = bool(request.called_directly or request.is_eager or nested)
         task_id = request.id if not request.called_directly else None
         self.task_id: str = task_id or f"direct-{uuid.uuid4().hex}"
         self.owner = Owner.current(self.task_id, request.hostname)

@@ -21,6 +21,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from celery_dlock.keys import LockKeys
+from celery_dlock.lease import HANDOFF_WINDOW_MS
 from celery_dlock.lock import DistributedLock, run_script
 from celery_dlock.scripts import Script
 
@@ -82,24 +84,30 @@ class TaskLock(DistributedLock):
         return Owner.parse(self.redis.get(self.keys.lock))
 
 
-# KEYS[1] lock, KEYS[2] release channel; ARGV[1] owner suffix.
-# Deletes the lock only if its token ends with this exact owner (task id, node, pid),
-# and wakes waiters like a normal release. Returns 1 when it released.
+# KEYS: the core's release keys (lock, waiters, next, channel); ARGV[1] owner suffix,
+# ARGV[2] handoff window in ms. Deletes the lock only if its token ends with this exact
+# owner (task id, node, pid), then hands it to the longest waiter exactly like the
+# core's RELEASE script does. Returns 1 when it released.
 RELEASE_OWNED_BY = Script(
     "release_owned_by",
     """
 local value = redis.call('GET', KEYS[1])
 local suffix = ARGV[1]
-if value and string.len(value) > string.len(suffix)
-   and string.sub(value, -string.len(suffix)) == suffix then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', KEYS[2], '1')
-  return 1
+if not value or string.len(value) <= string.len(suffix)
+   or string.sub(value, -string.len(suffix)) ~= suffix then
+  return 0
 end
-return 0
+redis.call('DEL', KEYS[1])
+local head = redis.call('ZPOPMIN', KEYS[2])
+if head[1] then
+  redis.call('SET', KEYS[3], head[1], 'PX', ARGV[2])
+  redis.call('PUBLISH', KEYS[4], head[1])
+end
+return 1
 """,
 )
 
 
-def release_owned_by(client: Any, lock_key: str, channel: str, owner: Owner) -> bool:
-    return bool(run_script(client, RELEASE_OWNED_BY, [lock_key, channel], [owner.suffix()]))
+def release_owned_by(client: Any, keys: LockKeys, owner: Owner) -> bool:
+    """Release the lock named by ``keys`` if ``owner`` holds it (for a run whose process died)."""
+    return bool(run_script(client, RELEASE_OWNED_BY, keys.release_keys, [owner.suffix(), HANDOFF_WINDOW_MS]))

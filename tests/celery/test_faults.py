@@ -71,6 +71,21 @@ def test_pool_process_sigkilled_mid_task_frees_its_lock_quickly(faults: ModuleTy
     assert faults.hold.delay(tag, 0.1).get(timeout=10)["task_id"]
 
 
+def test_a_waiting_duplicate_runs_soon_after_the_holders_process_is_killed(
+    faults: ModuleType, tag: str
+) -> None:
+    holder = faults.hold_or_wait.delay(tag, 20)
+    pid = started_pid(tag)
+    waiter = faults.hold_or_wait.delay(tag, 0.1)  # waits (up to 20 s) in the other pool process
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    value = waiter.get(timeout=20)
+    assert value["start"] - killed_at < RELEASED_WITHIN  # not the 30 s lease
+    with pytest.raises(WorkerLostError):
+        holder.get(timeout=10)
+
+
 def test_hard_time_limit_frees_the_lock_quickly(faults: ModuleType, tag: str) -> None:
     result = faults.hold_time_limited.delay(tag, 20)  # time_limit=1.5
     key = lock_key_of(faults, faults.hold_time_limited, tag, 20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery_dlock.celery import LockedTask
+from celery_dlock.celery import LockedTask, Wait
 from tests.celery.apps.common import make_app, records, run_id, run_recorded
 
 app = make_app("faults")
@@ -40,3 +40,8 @@ def renewed(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     entry = run_recorded(self, tag, seconds)  # ends with self.lock.ensure_held()
     entry["held_for"] = time.monotonic() - started
     return entry
+
+
+@app.task(base=LockedTask, bind=True, lock_timeout=30, on_contention=Wait(timeout=20, then="fail"))
+def hold_or_wait(self: Any, tag: str, seconds: float) -> dict[str, Any]:
+    return run_recorded(self, tag, seconds)
