@@ -56,7 +56,7 @@ from celery.schedules import schedstate
 from celery.schedules import schedule as interval_schedule
 from redis.exceptions import RedisError
 
-from celery_dlock.celery.config import lock_prefix, lock_redis_url, redis_client_for_app
+from celery_dlock.celery.config import lock_prefix, lock_redis_url, redis_client_for_app, setting
 from celery_dlock.errors import LockError
 from celery_dlock.keys import check_name
 from celery_dlock.lock import DistributedLock, run_script
@@ -104,16 +104,9 @@ return {0, redis.call('GET', KEYS[2]) or ''}
 # -- settings -----------------------------------------------------------------------
 
 
-def _conf_value(conf: Any, name: str) -> Any:
-    try:
-        return conf.get(name)
-    except AttributeError:
-        return getattr(conf, name, None)
-
-
 def beat_lease(conf: Any) -> float:
     """``dlock_beat_lease``: seconds, at least 1, at most a day (default 30)."""
-    value = _conf_value(conf, "dlock_beat_lease")
+    value = setting(conf, "dlock_beat_lease")
     if value is None:
         return DEFAULT_LEASE
     lease = check_seconds("dlock_beat_lease", value, maximum=MAX_LEASE)
@@ -128,7 +121,7 @@ def beat_lease(conf: Any) -> float:
 
 def beat_lock_name(app: Any) -> str:
     """``dlock_beat_lock_name``, default ``"beat:<app main name>"``."""
-    value = _conf_value(app.conf, "dlock_beat_lock_name")
+    value = setting(app.conf, "dlock_beat_lock_name")
     if value is not None:
         return check_name(value, parameter="dlock_beat_lock_name")
     main = getattr(app, "main", None)

@@ -73,6 +73,10 @@ class LockKeys:
             channel=f"{base}:released",
         )
 
+    def extension(self, name: str) -> str:
+        """A key for layers built on the lock (same hash tag), in a namespace the core never uses."""
+        return f"{self.lock}:ext:{name}"
+
     @property
     def acquire_keys(self) -> list[str]:
         return [self.lock, self.fence, self.waiters, self.next]

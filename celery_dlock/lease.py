@@ -219,13 +219,22 @@ class LockCore:
 
     # -- transitions used by the drivers --------------------------------------------
 
+    def make_token(self) -> str:
+        """The owner token for a new acquisition: 128 random bits, hex.
+
+        Subclasses may append owner information (the Celery layer adds the task id,
+        worker and pid, so anyone can see who holds a lock); they must keep the
+        random part, which is what makes the token unguessable.
+        """
+        return new_token()
+
     def _start_attempt(self) -> str:
         if self._token is not None:
             raise LockError(
                 f"lock {self.name!r} is already held by this object (fence {self._fence}); "
                 "release it first, or use another DistributedLock object"
             )
-        return new_token()
+        return self.make_token()
 
     def _acquired(self, token: str, fence: int, sent_at: float) -> None:
         self._token = token

@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
-from celery_dlock.keys import DEFAULT_PREFIX
+from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
     HANDOFF_WINDOW_MS,
     RENEWAL_DRAIN_WAIT,
@@ -56,6 +56,20 @@ def backend_error(client: Any, action: str, name: str, exc: BaseException) -> Lo
             f"cannot {action} lock {name!r}: Redis at {where} is unreachable ({exc})"
         )
     return LockError(f"cannot {action} lock {name!r}: Redis at {where} answered {exc}")
+
+
+def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:
+    """Release the lock named by ``keys`` if its token ends with ``suffix`` (handing it over as usual).
+
+    For a supervisor that knows only the owner part of a token (see
+    :meth:`DistributedLock.make_token`), e.g. a Celery worker's main process
+    freeing the lock of a pool process that was killed. The suffix is not a
+    secret the way the random part is: only use it where it identifies exactly
+    one acquisition.
+    """
+    if not isinstance(suffix, str) or not suffix:
+        raise ValueError(f"suffix must be a non-empty str, got {suffix!r}")
+    return bool(run_script(client, RELEASE, keys.release_keys, [suffix, HANDOFF_WINDOW_MS, "suffix"]))
 
 
 def check_sync_client(client: object) -> Any:
@@ -188,7 +202,7 @@ class DistributedLock(LockCore):
         get_watchdog().untrack(self, wait=0)
         self._leave_queue(token)
         try:
-            run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS])
+            run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -209,7 +223,7 @@ class DistributedLock(LockCore):
         get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
             released = bool(
-                run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS])
+                run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
             )
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
@@ -258,6 +272,14 @@ class DistributedLock(LockCore):
             return bool(self.redis.exists(self.keys.lock))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
+
+    def read_holder(self) -> str | None:
+        """The token of whoever holds this lock name right now, or None (one round trip)."""
+        try:
+            value = self.redis.get(self.keys.lock)
+        except RedisError as exc:
+            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+        return value.decode() if isinstance(value, bytes) else value
 
     def is_locked_by_me(self) -> bool:
         """Whether the lock in Redis holds this object's token (one round trip)."""

@@ -57,15 +57,26 @@ return {0, remaining}
 )
 
 # KEYS[1] lock, KEYS[2] waiters, KEYS[3] next, KEYS[4] channel; ARGV[1] token,
-# ARGV[2] handoff window in ms.
-# Deletes the lock only if it still holds our token. If someone is waiting, hands
-# the lock to the longest waiter (only it may take it during the window) and
-# publishes that waiter's token, which wakes just that waiter.
+# ARGV[2] handoff window in ms, ARGV[3] 'token' (the value must equal ARGV[1]) or
+# 'suffix' (it must end with ARGV[1]: how a Celery worker's main process frees the
+# lock of a pool process that died, knowing only the owner part of its token).
+# Deletes the lock only if it matches. If someone is waiting, hands the lock to the
+# longest waiter (only it may take it during the window) and publishes that
+# waiter's token, which wakes just that waiter.
 # Returns 1 when released, 0 when the lock was not ours (expired or taken over).
 RELEASE = Script(
     "release",
     """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local value = redis.call('GET', KEYS[1])
+if not value then
+  return 0
+end
+if ARGV[3] == 'suffix' then
+  local n = string.len(ARGV[1])
+  if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1] then
+    return 0
+  end
+elseif value ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])

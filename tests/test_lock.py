@@ -436,3 +436,51 @@ def test_unreachable_redis_raises_naming_the_server() -> None:
     with pytest.raises(LockBackendUnavailable, match=f"127.0.0.1:{port}"):
         lock.acquire()
     assert lock.token is None
+
+
+# -- hooks for layers built on the lock (the Celery layer uses them) ---------------
+
+
+class OwnedLock(DistributedLock):
+    def make_token(self) -> str:
+        return super().make_token() + "|worker-7"
+
+
+def test_make_token_hook_read_holder_and_release_by_suffix(r: redis.Redis, name: str) -> None:
+    from celery_dlock.lock import release_by_token_suffix
+
+    lock = OwnedLock(r, name)
+    assert lock.acquire()
+    holder = DistributedLock(r, name).read_holder()
+    assert holder == lock.token and holder.endswith("|worker-7") and len(holder) > 32
+    assert release_by_token_suffix(r, lock.keys, "|worker-8") is False  # someone else
+    other = DistributedLock(r, name)
+    other._token = "|worker-7"  # the owner part alone is not the token
+    assert other.release() is False
+    assert lock.is_locked_by_me()
+    assert release_by_token_suffix(r, lock.keys, "|worker-7") is True
+    assert DistributedLock(r, name).read_holder() is None
+    with pytest.raises(ValueError, match="suffix"):
+        release_by_token_suffix(r, lock.keys, "")
+
+
+def test_release_by_suffix_hands_over_to_the_longest_waiter(r: redis.Redis, name: str) -> None:
+    from celery_dlock.lock import release_by_token_suffix
+
+    lock = OwnedLock(r, name, timeout=30)
+    lock.acquire()
+    waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=10)
+    threading.Timer(0.3, lambda: release_by_token_suffix(r, lock.keys, "|worker-7")).start()
+    started = time.monotonic()
+    assert waiter.acquire()  # woken by the handover, not by its 20 s retry delay
+    assert time.monotonic() - started < 5
+    waiter.release()
+
+
+def test_extension_keys_share_the_hash_tag(name: str) -> None:
+    from celery_dlock.keys import LockKeys
+
+    keys = LockKeys.for_name(name)
+    extra = keys.extension("queued")
+    assert key_slot(extra.encode()) == key_slot(keys.lock.encode())
+    assert extra not in (keys.lock, keys.fence, keys.waiters, keys.next, keys.channel)

@@ -191,7 +191,7 @@ class DistributedLock(LockCore):
         get_watchdog().untrack_now(self)
         await self._leave_queue(token)
         try:
-            await run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS])
+            await run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -205,7 +205,9 @@ class DistributedLock(LockCore):
         if token is None:
             return False
         await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
-        call = _spawn(run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS]))
+        call = _spawn(
+            run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
+        )
         try:
             released = bool(await asyncio.shield(call))
         except asyncio.CancelledError:
@@ -259,6 +261,14 @@ class DistributedLock(LockCore):
             return bool(await self.redis.exists(self.keys.lock))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
+
+    async def read_holder(self) -> str | None:
+        """The token of whoever holds this lock name right now, or None (one round trip)."""
+        try:
+            value = await self.redis.get(self.keys.lock)
+        except RedisError as exc:
+            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+        return value.decode() if isinstance(value, bytes) else value
 
     async def is_locked_by_me(self) -> bool:
         """Whether the lock in Redis holds this object's token (one round trip)."""

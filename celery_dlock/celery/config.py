@@ -15,7 +15,8 @@ from celery_dlock.keys import DEFAULT_PREFIX, check_prefix
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def _setting(conf: Any, name: str, default: Any = None) -> Any:
+def setting(conf: Any, name: str, default: Any = None) -> Any:
+    """``app.conf[name]`` (or ``default`` when unset or None); works on plain objects too."""
     try:
         value = conf.get(name, default)
     except AttributeError:
@@ -25,10 +26,10 @@ def _setting(conf: Any, name: str, default: Any = None) -> Any:
 
 def lock_redis_url(conf: Any) -> str:
     """``dlock_redis_url``, else the broker URL when it is Redis, else ``REDIS_URL``/``REDIS_HOST``..."""
-    url = _setting(conf, "dlock_redis_url")
+    url = setting(conf, "dlock_redis_url")
     if url:
         return check_redis_url(url, "dlock_redis_url")
-    broker = _setting(conf, "broker_url") or ""
+    broker = setting(conf, "broker_url") or ""
     if isinstance(broker, str):
         first = broker.split(";")[0].strip()
         if first.startswith(REDIS_SCHEMES):
@@ -37,7 +38,7 @@ def lock_redis_url(conf: Any) -> str:
 
 
 def lock_prefix(conf: Any) -> str:
-    return check_prefix(_setting(conf, "dlock_prefix", DEFAULT_PREFIX))
+    return check_prefix(setting(conf, "dlock_prefix", DEFAULT_PREFIX))
 
 
 _clients: dict[tuple[int, str], Any] = {}

@@ -2,7 +2,7 @@
 
 Publishing first runs :data:`CLAIM_QUEUED` on two keys of the same lock (one
 hash tag, one atomic step): the run lock itself and a *queued marker*
-(``<lock key>:queued``, value = the queued message's task id, with a lease of
+(``<lock key>:ext:queued``, value = the queued message's task id, with a lease of
 its own: ``dedup_timeout`` plus any countdown/ETA, capped by ``expires``).
 
 * lock held by a task run  -> return that run's ``AsyncResult``, publish nothing;
@@ -112,7 +112,7 @@ def publishing_internally() -> Iterator[None]:
 
 
 def marker_key(keys: LockKeys) -> str:
-    return f"{keys.lock}:queued"
+    return keys.extension("queued")
 
 
 def _seconds_until(when: Any) -> float:

@@ -11,7 +11,7 @@ Celery lets a task choose its request class (``Task.Request``). Ours, built on
 whatever class the task used before, releases the lock there: it recomputes the
 lock name from the request's arguments and deletes the lock only if its token
 says it is held by exactly this task id, node and child pid
-(:data:`celery_dlock.celery.tasklock.RELEASE_OWNED_BY`). It first makes sure
+(:func:`celery_dlock.lock.release_by_token_suffix`). It first makes sure
 the child is really gone (a hard time limit is reported just *before* billiard
 kills the child), polling for up to ``lock_timeout`` in a small thread.
 

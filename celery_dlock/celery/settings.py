@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from celery_dlock.celery.config import lock_prefix
+from celery_dlock.celery.config import lock_prefix, setting
 from celery_dlock.celery.keys import LockKey, build_lock_key
 from celery_dlock.celery.policies import Policy, PolicyDefaults, parse_fallback, resolve_policy
 from celery_dlock.options import check_bool, check_count, check_seconds
@@ -59,13 +59,6 @@ class TaskLockConfig:
     prefix: str
 
 
-def _setting(conf: Any, name: str) -> Any:
-    try:
-        return conf.get(name)
-    except AttributeError:
-        return getattr(conf, name, None)
-
-
 def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[Any, str]]:
     """Each option's value and where it came from (the option name, or the setting that filled it)."""
     unknown = sorted(set(given) - set(OPTION_NAMES))
@@ -76,7 +69,7 @@ def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[An
         value = given.get(option.attribute)
         source = option.attribute
         if value is None and option.setting is not None:
-            value = _setting(conf, option.setting)
+            value = setting(conf, option.setting)
             source = option.setting
             if value is None:
                 value = option.default

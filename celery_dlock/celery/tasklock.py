@@ -10,7 +10,8 @@ one ``GET``, with no extra key to keep in step with the lease:
 * the worker's main process can release the lock of a pool process that died
   (SIGKILL, hard time limit, ``revoke(terminate=True)``): it knows the task id,
   its node name and the child's pid, so it deletes the lock only if the token
-  ends with exactly those (:data:`RELEASE_OWNED_BY`), never someone else's lock.
+  ends with exactly those (:func:`celery_dlock.lock.release_by_token_suffix`), never
+  someone else's lock.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_dlock.keys import LockKeys
-from celery_dlock.lease import HANDOFF_WINDOW_MS
-from celery_dlock.lock import DistributedLock, run_script
-from celery_dlock.scripts import Script
+from celery_dlock.lock import DistributedLock, release_by_token_suffix
 
 SEPARATOR = "|"
 
@@ -71,9 +70,9 @@ class TaskLock(DistributedLock):
         super().__init__(redis, name, **options)
         self.owner = owner
 
-    def _start_attempt(self) -> str:
-        # Core hook point: the token is the core's random token plus our owner suffix.
-        return super()._start_attempt() + self.owner.suffix()
+    def make_token(self) -> str:
+        # The core's random token plus who we are, so anyone can see the holder.
+        return super().make_token() + self.owner.suffix()
 
     @property
     def key(self) -> str:
@@ -81,33 +80,9 @@ class TaskLock(DistributedLock):
 
     def holder(self) -> Owner | None:
         """Who holds this lock name right now (one GET); None if free or not held by a task run."""
-        return Owner.parse(self.redis.get(self.keys.lock))
-
-
-# KEYS: the core's release keys (lock, waiters, next, channel); ARGV[1] owner suffix,
-# ARGV[2] handoff window in ms. Deletes the lock only if its token ends with this exact
-# owner (task id, node, pid), then hands it to the longest waiter exactly like the
-# core's RELEASE script does. Returns 1 when it released.
-RELEASE_OWNED_BY = Script(
-    "release_owned_by",
-    """
-local value = redis.call('GET', KEYS[1])
-local suffix = ARGV[1]
-if not value or string.len(value) <= string.len(suffix)
-   or string.sub(value, -string.len(suffix)) ~= suffix then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-local head = redis.call('ZPOPMIN', KEYS[2])
-if head[1] then
-  redis.call('SET', KEYS[3], head[1], 'PX', ARGV[2])
-  redis.call('PUBLISH', KEYS[4], head[1])
-end
-return 1
-""",
-)
+        return Owner.parse(self.read_holder())
 
 
 def release_owned_by(client: Any, keys: LockKeys, owner: Owner) -> bool:
     """Release the lock named by ``keys`` if ``owner`` holds it (for a run whose process died)."""
-    return bool(run_script(client, RELEASE_OWNED_BY, keys.release_keys, [owner.suffix(), HANDOFF_WINDOW_MS]))
+    return release_by_token_suffix(client, keys, owner.suffix())

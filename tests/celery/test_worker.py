@@ -231,7 +231,7 @@ def test_dedup_on_publish_returns_the_existing_result(basic: ModuleType, tag: st
     queued_duplicate = task.delay(tag, 0.0)
     assert queued_duplicate.id == first.id  # queued: same AsyncResult, nothing enqueued
     wait_until(lambda: read_started(tag), 10)
-    assert not records().exists(f"{keys.lock}:queued")  # the marker was handed over to the run lock
+    assert not records().exists(keys.extension("queued"))  # the marker was handed over to the run lock
     running_duplicate = task.apply_async(args=(tag,), kwargs={"seconds": 0.0})
     assert running_duplicate.id == first.id  # running: same AsyncResult
     open_gate(tag)
@@ -270,7 +270,7 @@ def test_dedup_and_self_retry_the_retry_is_not_dropped(basic: ModuleType, tag: s
 def test_revoked_and_expired_messages_leave_no_marker_or_lock(basic: ModuleType, tag: str) -> None:
     task = basic.dedup_task
     keys = LockKeys.for_name(task.lock_name_for(tag, 0.1), basic.app.conf.dlock_prefix)
-    marker = f"{keys.lock}:queued"
+    marker = keys.extension("queued")
 
     revoked = task.apply_async((tag, 0.1), countdown=1.5)
     assert records().get(marker) == revoked.id.encode()
