@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_TESTS = ["tests/test_faults.py", "tests/test_security.py"]
-CELERY_FAULT_TESTS = ROOT / "tests" / "celery" / "test_faults.py"
+CELERY_FAULT_TESTS = [ROOT / "tests" / "celery" / name for name in ("test_faults.py", "test_contention.py")]
 
 
 def redis_version() -> str:
@@ -35,8 +35,7 @@ def redis_version() -> str:
 
 def main() -> int:
     tests = list(FAULT_TESTS)
-    if CELERY_FAULT_TESTS.exists():
-        tests.append(str(CELERY_FAULT_TESTS.relative_to(ROOT)))
+    tests += [str(path.relative_to(ROOT)) for path in CELERY_FAULT_TESTS if path.exists()]
     with tempfile.TemporaryDirectory() as tmp:
         observations = Path(tmp) / "observations.jsonl"
         env = dict(os.environ, DLOCK_OBSERVATIONS=str(observations))
