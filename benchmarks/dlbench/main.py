@@ -227,11 +227,23 @@ def run_suite(config: Config, out_dir: Path, phases: set[str] | None = None, onl
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     chart_file = None
     if chart:
-        chart_file = report.chart(gaps, out_dir / "handoff_cdf.png", log)
+        notes: dict[str, dict[str, str]] = {}
+        for prefix_, block in (("", results.get("P2") or {}), ("asyncio ", _get_p6(results))):
+            for key, shapes in block.items():
+                for shape, e in shapes.items():
+                    notes.setdefault(prefix_ + shape, {})[key] = (
+                        f"({e['same_holder_pct'] or 0:.0f}%, {e['starvation_ratio'] or 0:.0f}x)"
+                    )
+        chart_file = report.chart(gaps, out_dir / "handoff_cdf.png", log, notes)
     (out_dir / "results.md").write_text(report.markdown(results, chart_file))
     log(f"done in {results['seconds']:.0f} s; wrote {out_dir}/results.json, results.md"
         + (f", {chart_file.name}" if chart_file else ""))
     return results
+
+
+def _get_p6(results: dict[str, Any]) -> dict[str, Any]:
+    p6 = results.get("P6") or {}
+    return p6.get("P2") or {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,13 +248,19 @@ def markdown(results: dict[str, Any], chart_file: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(gaps: dict[str, dict[str, list[float]]], path: Path, log: Any = print) -> Path | None:
-    """One panel per contention shape: CDF of handoff gaps per library (log x axis)."""
+def chart(gaps: dict[str, dict[str, list[float]]], path: Path, log: Any = print,
+          notes: dict[str, dict[str, str]] | None = None) -> Path | None:
+    """One panel per contention shape: CDF of handoff gaps per library (log x axis).
+
+    ``notes[shape][library]`` is appended to the legend entry (fairness, which a latency
+    CDF alone does not show).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except Exception as exc:
         log(f"no chart: matplotlib unavailable ({exc!r})")
         return None
@@ -270,14 +276,17 @@ def chart(gaps: dict[str, dict[str, list[float]]], path: Path, log: Any = print)
                 continue
             xs = sorted(max(v, 1e-3) for v in values)
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
-            ax.step(xs, ys, where="post", label=key, linewidth=1.4)
+            note = (notes or {}).get(shape, {}).get(key, "")
+            ax.step(xs, ys, where="post", label=f"{key} {note}".strip(), linewidth=1.4)
         title = shape if shape.startswith("asyncio") else f"{shape} processes"
         ax.set_title(f"handoff latency, {title}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("release() called -> next acquire() returned (ms)")
         ax.set_ylabel("fraction of handoffs")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6.5, loc="lower right", title="same holder again, longest/mean wait",
+                  title_fontsize=6.5)
     for ax in list(axes.flat)[len(shapes):]:
         ax.axis("off")
     fig.tight_layout()
