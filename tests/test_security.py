@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # release channel, EXISTS for is_locked_by_anyone, HMGET for fenced_get.
 LOCK_USER_RULES = [
     "on", ">locker-password",
-    "~dlock:*", "&dlock:*",
+    "~dlock:*", "resetchannels", "&dlock:*",
     "+ping", "+hello", "+exists",
     "+evalsha", "+eval", "+script|load",
     "+set", "+get", "+del", "+incr", "+pttl", "+pexpire", "+publish", "+time",
