@@ -129,17 +129,26 @@ def test_acks_late_message_requeued_after_its_process_died_runs_after_the_releas
     assert len(read_records(tag)) == 1
 
 
-def test_renewal_works_in_threads_and_solo_pools(faults: ModuleType) -> None:
+def _pools() -> list[tuple[str, int]]:
+    pools = [("threads", 3), ("solo", 1)]
+    try:
+        import gevent  # noqa: F401  (the `gevent` extra)
+    except ImportError:
+        return pools
+    return [*pools, ("gevent", 5)]
+
+
+def test_renewal_works_in_threads_solo_and_gevent_pools(faults: ModuleType) -> None:
     # A lock some other worker holds must survive new workers starting (nothing is cleared).
     elsewhere = DistributedLock(records(), faults.hold.lock_name_for("elsewhere", 1), timeout=60,
                                 prefix=faults.app.conf.dlock_prefix)
     assert elsewhere.acquire(blocking=False)
-    for pool, concurrency in (("threads", 3), ("solo", 1)):
+    for pool, concurrency in _pools():
         worker = start_worker(faults, pool=pool, concurrency=concurrency)
         assert elsewhere.is_locked_by_me()
         try:
             tag = uuid.uuid4().hex
-            runs = [faults.renewed.delay(tag, 3.2) for _ in range(3 if pool == "threads" else 1)]
+            runs = [faults.renewed.delay(tag, 3.2) for _ in range(1 if pool == "solo" else 3)]
             values = outcomes(runs, timeout=30)
             done = [v for v in values if isinstance(v, dict)]
             assert len(done) == 1 and done[0]["held_for"] >= 3.2  # 3x its 1 s lease, still held
