@@ -47,40 +47,37 @@ def check_prefix(prefix: object) -> str:
 class LockKeys:
     """The Redis names that belong to one lock.
 
-    ``lock``: the lease itself (value = owner token, server-side PX expiry).
+    ``lock``: the lease itself (value = owner token, server-side PX expiry). Right
+    after a release that found waiters it briefly holds ``next:<token>`` instead:
+    the lock is handed to that waiter, and only it may take it until that short
+    lease ends, so the releaser cannot barge back in.
     ``fence``: a counter incremented on every acquisition; it has no expiry, so
     fencing tokens never go backwards while the Redis dataset survives.
     ``waiters``: sorted set of blocked acquirers' tokens, by arrival (FIFO handoff).
-    ``next``: the token a release handed the lock to; only it may acquire until
-    this key expires (a short window), so the releaser cannot barge back in.
-    ``channel``: pub/sub channel a release publishes the next token on.
+    ``channel``: pub/sub channel a release publishes the chosen waiter's token on.
     """
 
     lock: str
     fence: str
     waiters: str
-    next: str
     channel: str
+    # The KEYS of the acquire and release scripts, built once.
+    acquire_keys: tuple[str, str, str]
+    release_keys: tuple[str, str, str]
 
     @classmethod
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
-        base = f"{prefix}{{{name}}}"
+        lock = f"{prefix}{{{name}}}"
+        fence, waiters, channel = f"{lock}:fence", f"{lock}:waiters", f"{lock}:released"
         return cls(
-            lock=base,
-            fence=f"{base}:fence",
-            waiters=f"{base}:waiters",
-            next=f"{base}:next",
-            channel=f"{base}:released",
+            lock=lock,
+            fence=fence,
+            waiters=waiters,
+            channel=channel,
+            acquire_keys=(lock, fence, waiters),
+            release_keys=(lock, waiters, channel),
         )
 
     def extension(self, name: str) -> str:
         """A key for layers built on the lock (same hash tag), in a namespace the core never uses."""
         return f"{self.lock}:ext:{name}"
-
-    @property
-    def acquire_keys(self) -> list[str]:
-        return [self.lock, self.fence, self.waiters, self.next]
-
-    @property
-    def release_keys(self) -> list[str]:
-        return [self.lock, self.waiters, self.next, self.channel]

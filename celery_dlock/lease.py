@@ -108,9 +108,9 @@ class AttemptPlan:
             self._attempts_left = options.retry_times
 
     @property
-    def queue_mode(self) -> str:
-        """'wait' when a failed attempt will be followed by another (join the FIFO queue), else 'try'."""
-        return "wait" if self._attempts_left > 0 else "try"
+    def first_mode(self) -> str:
+        """Mode of the first attempt: 'join' (queue up if it fails) when another will follow, else 'try'."""
+        return "join" if self._attempts_left > 0 else "try"
 
     def may_retry(self, now: float) -> bool:
         """Whether another attempt will follow a failed one (checked before subscribing)."""
@@ -162,6 +162,9 @@ class LockCore:
         self._lost_notified = False
         self._trusted_until = 0.0
         self._acquired_pid = 0
+        # Whether the watchdog knows this lock (auto_renewal or on_lost): only then
+        # does release have to stop its renewal first.
+        self._watched = self.options.auto_renewal or self.options.on_lost is not None
 
     # -- public, cheap, no round trip ---------------------------------------------
 

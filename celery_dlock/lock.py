@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -38,7 +38,7 @@ from celery_dlock.watchdog import get_watchdog
 logger = logging.getLogger("celery_dlock")
 
 
-def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
+def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
     """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
     try:
         return client.evalsha(script.sha, len(keys), *keys, *args)
@@ -137,10 +137,12 @@ class DistributedLock(LockCore):
         check_bool("blocking", blocking)
         token = self._start_attempt()
         plan = AttemptPlan(self.options, blocking, time.monotonic())
-        mode = plan.queue_mode
+        mode = plan.first_mode
         reply = self._attempt(token, mode)
         if reply.acquired:
             return True
+        if mode == "join":
+            mode = "wait"  # the failed first attempt queued us
         try:
             if not plan.may_retry(time.monotonic()):
                 return self._give_up(token, mode, reply)
@@ -160,7 +162,7 @@ class DistributedLock(LockCore):
         return True
 
     def _give_up(self, token: str, mode: str, reply: AcquireReply) -> bool:
-        if mode == "wait":  # leave the queue, so no release hands the lock to us
+        if mode != "try":  # leave the queue, so no release hands the lock to us
             self._leave_queue(token)
         return reply.give_up()
 
@@ -183,7 +185,7 @@ class DistributedLock(LockCore):
             if reply.acquired:
                 assert reply.fence is not None
                 self._acquired(token, reply.fence, sent_at)
-                if self.options.auto_renewal or self.options.on_lost is not None:
+                if self._watched:
                     get_watchdog().track(self)
             return reply
         except BaseException as exc:
@@ -202,7 +204,7 @@ class DistributedLock(LockCore):
         get_watchdog().untrack(self, wait=0)
         self._leave_queue(token)
         try:
-            run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
+            run_script(self.redis, RELEASE, list(self.keys.release_keys), [token, HANDOFF_WINDOW_MS, "token"])
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -220,10 +222,16 @@ class DistributedLock(LockCore):
         token = self._token
         if token is None:
             return False
-        get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
+        if self._watched:
+            get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
             released = bool(
-                run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
+                run_script(
+                    self.redis,
+                    RELEASE,
+                    list(self.keys.release_keys),
+                    [token, HANDOFF_WINDOW_MS, "token"],
+                )
             )
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc

@@ -23,46 +23,45 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-# KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set), KEYS[4] next;
-# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] 'wait' (a blocking acquirer that will
-# try again) or 'try', ARGV[4] lifetime of the waiters set in ms.
-# Takes the lock if it is free and not handed to another waiter; a 'wait' caller
-# that fails joins the queue (once: NX keeps its place). Returns {1, fence} when
-# acquired, else {0, ms until it is worth trying again} (-1: held without expiry).
+# KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set);
+# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode, ARGV[4] lifetime of the waiters
+# set in ms. Modes: 'try' (one attempt, never queue), 'join' (the first attempt of
+# a blocking acquire: queue on failure), 'wait' (a later attempt: already queued).
+# Takes the lock if it is free, or if a release handed it to this token
+# ('next:' .. token). A failed 'join'/'wait' attempt keeps its place in the queue
+# (ZADD NX). Returns {1, fence} when acquired, else {0, ms until it is worth
+# trying again} (-1: held without expiry).
 ACQUIRE = Script(
     "acquire",
     """
-local handed_to = redis.call('GET', KEYS[4])
-if (not handed_to or handed_to == ARGV[1])
-    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if handed_to then
-    redis.call('DEL', KEYS[4])
-  end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == 'wait' then
     redis.call('ZREM', KEYS[3], ARGV[1])
   end
   return {1, redis.call('INCR', KEYS[2])}
 end
-if ARGV[3] == 'wait' then
-  local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[1])
-  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+if ARGV[3] == 'try' then
+  return {0, redis.call('PTTL', KEYS[1])}
 end
-local remaining = redis.call('PTTL', KEYS[1])
-if remaining == -2 then
-  remaining = redis.call('PTTL', KEYS[4])
+if redis.call('GET', KEYS[1]) == 'next:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {1, redis.call('INCR', KEYS[2])}
 end
-return {0, remaining}
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return {0, redis.call('PTTL', KEYS[1])}
 """,
 )
 
-# KEYS[1] lock, KEYS[2] waiters, KEYS[3] next, KEYS[4] channel; ARGV[1] token,
-# ARGV[2] handoff window in ms, ARGV[3] 'token' (the value must equal ARGV[1]) or
-# 'suffix' (it must end with ARGV[1]: how a Celery worker's main process frees the
-# lock of a pool process that died, knowing only the owner part of its token).
-# Deletes the lock only if it matches. If someone is waiting, hands the lock to the
-# longest waiter (only it may take it during the window) and publishes that
-# waiter's token, which wakes just that waiter.
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] channel; ARGV[1] token, ARGV[2] handoff
+# window in ms, ARGV[3] 'token' (the value must equal ARGV[1]) or 'suffix' (it must
+# end with ARGV[1]: how a Celery worker's main process frees the lock of a pool
+# process that died, knowing only the owner part of its token).
+# Releases the lock only if it matches. If someone is waiting, hands the lock to
+# the longest waiter (the lock holds 'next:' .. its token for the window; only it
+# may take it) and publishes that waiter's token, which wakes just that waiter.
 # Returns 1 when released, 0 when the lock was not ours (expired or taken over).
 RELEASE = Script(
     "release",
@@ -73,17 +72,19 @@ if not value then
 end
 if ARGV[3] == 'suffix' then
   local n = string.len(ARGV[1])
-  if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1] then
+  if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1]
+      or string.sub(value, 1, 5) == 'next:' then
     return 0
   end
 elseif value ~= ARGV[1] then
   return 0
 end
-redis.call('DEL', KEYS[1])
 local head = redis.call('ZPOPMIN', KEYS[2])
 if head[1] then
-  redis.call('SET', KEYS[3], head[1], 'PX', ARGV[2])
-  redis.call('PUBLISH', KEYS[4], head[1])
+  redis.call('SET', KEYS[1], 'next:' .. head[1], 'PX', ARGV[2])
+  redis.call('PUBLISH', KEYS[3], head[1])
+else
+  redis.call('DEL', KEYS[1])
 end
 return 1
 """,

@@ -483,4 +483,4 @@ def test_extension_keys_share_the_hash_tag(name: str) -> None:
     keys = LockKeys.for_name(name)
     extra = keys.extension("queued")
     assert key_slot(extra.encode()) == key_slot(keys.lock.encode())
-    assert extra not in (keys.lock, keys.fence, keys.waiters, keys.next, keys.channel)
+    assert extra not in (keys.lock, keys.fence, keys.waiters, keys.channel)

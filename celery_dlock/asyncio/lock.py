@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -52,7 +52,7 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     return task
 
 
-async def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
+async def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
     """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
     try:
         return await client.evalsha(script.sha, len(keys), *keys, *args)
@@ -117,10 +117,12 @@ class DistributedLock(LockCore):
         check_bool("blocking", blocking)
         token = self._start_attempt()
         plan = AttemptPlan(self.options, blocking, time.monotonic())
-        mode = plan.queue_mode
+        mode = plan.first_mode
         reply = await self._attempt(token, mode)
         if reply.acquired:
             return True
+        if mode == "join":
+            mode = "wait"  # the failed first attempt queued us
         try:
             if not plan.may_retry(time.monotonic()):
                 return await self._give_up(token, mode, reply)
@@ -143,7 +145,7 @@ class DistributedLock(LockCore):
         return True
 
     async def _give_up(self, token: str, mode: str, reply: AcquireReply) -> bool:
-        if mode == "wait":  # leave the queue, so no release hands the lock to us
+        if mode != "try":  # leave the queue, so no release hands the lock to us
             await self._leave_queue(token)
         return reply.give_up()
 
@@ -179,7 +181,7 @@ class DistributedLock(LockCore):
         if reply.acquired:
             assert reply.fence is not None
             self._acquired(token, reply.fence, sent_at)
-            if self.options.auto_renewal or self.options.on_lost is not None:
+            if self._watched:
                 get_watchdog().track(self)
         return reply
 
@@ -191,7 +193,9 @@ class DistributedLock(LockCore):
         get_watchdog().untrack_now(self)
         await self._leave_queue(token)
         try:
-            await run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
+            await run_script(
+                self.redis, RELEASE, list(self.keys.release_keys), [token, HANDOFF_WINDOW_MS, "token"]
+            )
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -204,9 +208,10 @@ class DistributedLock(LockCore):
         token = self._token
         if token is None:
             return False
-        await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
+        if self._watched:
+            await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         call = _spawn(
-            run_script(self.redis, RELEASE, self.keys.release_keys, [token, HANDOFF_WINDOW_MS, "token"])
+            run_script(self.redis, RELEASE, list(self.keys.release_keys), [token, HANDOFF_WINDOW_MS, "token"])
         )
         try:
             released = bool(await asyncio.shield(call))
