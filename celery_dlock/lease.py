@@ -107,11 +107,6 @@ class AttemptPlan:
         else:
             self._attempts_left = options.retry_times
 
-    @property
-    def first_mode(self) -> str:
-        """Mode of the first attempt: 'join' (queue up if it fails) when another will follow, else 'try'."""
-        return "join" if self._attempts_left > 0 else "try"
-
     def may_retry(self, now: float) -> bool:
         """Whether another attempt will follow a failed one (checked before subscribing)."""
         if self._attempts_left <= 0:

@@ -41,9 +41,9 @@ logger = logging.getLogger("celery_dlock")
 def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
     """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
     try:
-        return client.evalsha(script.sha, len(keys), *keys, *args)
+        return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
-        return client.eval(script.source, len(keys), *keys, *args)
+        return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
 
 
 def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
@@ -136,11 +136,12 @@ class DistributedLock(LockCore):
         """
         check_bool("blocking", blocking)
         token = self._start_attempt()
-        plan = AttemptPlan(self.options, blocking, time.monotonic())
-        mode = plan.first_mode
+        started = time.monotonic()
+        mode = "join" if blocking and self.options.can_wait else "try"
         reply = self._attempt(token, mode)
         if reply.acquired:
             return True
+        plan = AttemptPlan(self.options, blocking, started)
         if mode == "join":
             mode = "wait"  # the failed first attempt queued us
         try:

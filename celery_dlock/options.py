@@ -79,10 +79,12 @@ class LockOptions:
     on_lost: Callable[[Any], object] | None
     prefix: str
     max_lease: float | None
+    timeout_ms: int  # the lease as sent to Redis (PX), computed once
 
     @property
-    def timeout_ms(self) -> int:
-        return to_millis(self.timeout)
+    def can_wait(self) -> bool:
+        """Whether a blocking acquire makes more than one attempt."""
+        return self.retry_times > 0 or self.blocking_timeout is not None
 
     @classmethod
     def build(
@@ -134,4 +136,5 @@ class LockOptions:
             on_lost=on_lost,
             prefix=check_prefix(prefix),
             max_lease=cap,
+            timeout_ms=to_millis(lease),
         )

@@ -55,9 +55,9 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
 async def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
     """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
     try:
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
+        return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
-        return await client.eval(script.source, len(keys), *keys, *args)
+        return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
 
 
 def check_async_client(client: object) -> Any:
@@ -116,11 +116,12 @@ class DistributedLock(LockCore):
         """Take the lock; True on success. Same attempts and waiting as the sync lock."""
         check_bool("blocking", blocking)
         token = self._start_attempt()
-        plan = AttemptPlan(self.options, blocking, time.monotonic())
-        mode = plan.first_mode
+        started = time.monotonic()
+        mode = "join" if blocking and self.options.can_wait else "try"
         reply = await self._attempt(token, mode)
         if reply.acquired:
             return True
+        plan = AttemptPlan(self.options, blocking, started)
         if mode == "join":
             mode = "wait"  # the failed first attempt queued us
         try:
