@@ -31,7 +31,8 @@ logger = logging.getLogger("celery_dlock")
 CONFIRM_TIMEOUT = 2.0
 
 
-def _text(value: Any) -> str:
+def message_text(value: Any) -> str:
+    """A pub/sub message field as text, whatever the client's decode_responses."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -105,15 +106,15 @@ class ReleaseNotifier:
                 continue
             if message is None:
                 continue
-            kind = _text(message.get("type", ""))
-            channel = _text(message.get("channel", ""))
+            kind = message_text(message.get("type", ""))
+            channel = message_text(message.get("channel", ""))
             with self._mutex:
                 if kind == "subscribe":
                     confirmed = self._confirmed.get(channel)
                     if confirmed is not None:
                         confirmed.set()
                 elif kind == "message":
-                    self._dispatch(channel, _text(message.get("data", "*")))
+                    self._dispatch(channel, message_text(message.get("data", "*")))
 
     def _dispatch(self, channel: str, payload: str) -> None:
         """Wake the waiter the lock was handed to (called with the mutex held)."""

@@ -17,13 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.notify import CONFIRM_TIMEOUT
+from celery_dlock.notify import CONFIRM_TIMEOUT, message_text
 
 logger = logging.getLogger("celery_dlock")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class AsyncReleaseNotifier:
@@ -97,15 +93,15 @@ class AsyncReleaseNotifier:
                 continue
             if message is None:
                 continue
-            kind = _text(message.get("type", ""))
-            channel = _text(message.get("channel", ""))
+            kind = message_text(message.get("type", ""))
+            channel = message_text(message.get("channel", ""))
             if kind == "subscribe":
                 confirmed = self._confirmed.get(channel)
                 if confirmed is not None:
                     confirmed.set()
             elif kind == "message":
                 waiters = self._waiters.get(channel, {})
-                payload = _text(message.get("data", "*"))
+                payload = message_text(message.get("data", "*"))
                 chosen = waiters.get(payload)
                 if chosen is not None:
                     chosen.set()
