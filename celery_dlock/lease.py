@@ -269,6 +269,18 @@ class LockCore:
         except Exception:
             logger.exception("on_lost callback of lock %r raised", self.name)
 
+    def _extend_args(self, token: str, lease_ms: int, replace: bool) -> list[Any]:
+        """ARGV of the EXTEND script for ``extend(additional_time, replace)``."""
+        cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
+        return [token, lease_ms, "set" if replace else "add", cap]
+
+    def _finish_release(self, token: str, released: bool) -> None:
+        """After the release script answered: a lock that was not ours any more was lost."""
+        if not released and self._mark_lost("at release it had expired or been taken over"):
+            self._notify_lost()
+        if self._token == token:
+            self._forget()
+
     def _forget(self) -> None:
         self._token = None
         self._fence = None

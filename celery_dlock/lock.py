@@ -31,7 +31,7 @@ from celery_dlock.lease import (
     trusted_until,
 )
 from celery_dlock.notify import notifier_for
-from celery_dlock.options import LockOptions, check_bool, to_millis
+from celery_dlock.options import LockOptions, check_bool
 from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
 from celery_dlock.watchdog import get_watchdog
 
@@ -236,10 +236,7 @@ class DistributedLock(LockCore):
             )
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
-        if not released and self._mark_lost("at release it had expired or been taken over"):
-            self._notify_lost()
-        if self._token == token:
-            self._forget()
+        self._finish_release(token, released)
         return released
 
     # -- extend and queries ------------------------------------------------------
@@ -254,17 +251,10 @@ class DistributedLock(LockCore):
         token = self._token
         if token is None or self._lost:
             return False
-        cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
         sent_at = time.monotonic()
         try:
-            result = int(
-                run_script(
-                    self.redis,
-                    EXTEND,
-                    [self.keys.lock],
-                    [token, lease_ms, "set" if replace else "add", cap],
-                )
-            )
+            args = self._extend_args(token, lease_ms, replace)
+            result = int(run_script(self.redis, EXTEND, [self.keys.lock], args))
         except RedisError as exc:
             raise backend_error(self.redis, "extend", self.name, exc) from exc
         if result < 0:

@@ -33,7 +33,7 @@ from celery_dlock.lease import (
     trusted_until,
 )
 from celery_dlock.lock import backend_error
-from celery_dlock.options import LockOptions, check_bool, to_millis
+from celery_dlock.options import LockOptions, check_bool
 from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
 
 from .notify import notifier_for
@@ -229,12 +229,6 @@ class DistributedLock(LockCore):
             return  # outcome unknown: keep the token so a later release can still work
         self._finish_release(token, bool(call.result()))
 
-    def _finish_release(self, token: str, released: bool) -> None:
-        if not released and self._mark_lost("at release it had expired or been taken over"):
-            self._notify_lost()
-        if self._token == token:
-            self._forget()
-
     # -- extend and queries ------------------------------------------------------
 
     async def extend(self, additional_time: float, replace: bool = False) -> bool:
@@ -243,14 +237,10 @@ class DistributedLock(LockCore):
         token = self._token
         if token is None or self._lost:
             return False
-        cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
         sent_at = time.monotonic()
         try:
-            result = int(
-                await run_script(
-                    self.redis, EXTEND, [self.keys.lock], [token, lease_ms, "set" if replace else "add", cap]
-                )
-            )
+            args = self._extend_args(token, lease_ms, replace)
+            result = int(await run_script(self.redis, EXTEND, [self.keys.lock], args))
         except RedisError as exc:
             raise backend_error(self.redis, "extend", self.name, exc) from exc
         if result < 0:
