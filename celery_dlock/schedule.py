@@ -58,9 +58,17 @@ class RenewalSchedule:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def track(self, lock: LockCore, now: float) -> None:
+    def track(self, lock: LockCore, now: float) -> float:
+        """Start watching ``lock``; returns when it first needs the watchdog.
+
+        A watchdog already asleep until before that time need not be woken: it
+        re-plans when it wakes. (Waking a thread per acquisition costs more CPU
+        than the lock's own round trip.)
+        """
         renew = lock.options.auto_renewal
-        self._entries[id(lock)] = _Entry(lock, renew, now + lock.options.renewal_interval)
+        entry = _Entry(lock, renew, now + lock.options.renewal_interval)
+        self._entries[id(lock)] = entry
+        return min(entry.next_renewal, lock.trusted_until) if renew else lock.trusted_until
 
     def untrack(self, lock: LockCore) -> None:
         self._entries.pop(id(lock), None)

@@ -58,14 +58,20 @@ class RenewalWatchdog:
         self._schedule = RenewalSchedule()
         self._thread: threading.Thread | None = None
         self._io: ThreadPoolExecutor | None = None
+        # When the thread waits, the monotonic time it will wake by itself; None
+        # while it is planning or renewing (it plans again before it next waits).
+        self._sleeping_until: float | None = None
+        #: How many times the thread woke up to plan (observability, and tests).
+        self.wakeups = 0
 
     def track(self, lock: LockCore) -> None:
         with self._cond:
-            self._schedule.track(lock, time.monotonic())
+            due = self._schedule.track(lock, time.monotonic())
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="celery-dlock-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            elif self._sleeping_until is not None and due < self._sleeping_until:
+                self._cond.notify_all()
 
     def untrack(self, lock: LockCore, wait: float) -> None:
         """Stop renewing ``lock``; waits (up to ``wait`` s) for a renewal already on the wire.
@@ -95,10 +101,15 @@ class RenewalWatchdog:
 
     def _tick(self) -> None:
         with self._cond:
+            self.wakeups += 1
             now = time.monotonic()
             plan = self._schedule.plan(now)
             if not plan.lost and not plan.batches:
-                self._cond.wait(max(0.0, plan.wake_at - now))
+                self._sleeping_until = plan.wake_at
+                try:
+                    self._cond.wait(max(0.0, plan.wake_at - now))
+                finally:
+                    self._sleeping_until = None
                 return
         for lock in plan.lost:
             lock._notify_lost()

@@ -49,12 +49,17 @@ class AsyncRenewalWatchdog:
         self._batch_done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._io_tasks: set[asyncio.Task[None]] = set()
+        # While the task waits, the monotonic time it will wake by itself (else None).
+        self._sleeping_until: float | None = None
+        #: How many times the task woke up to plan (observability, and tests).
+        self.wakeups = 0
 
     def track(self, lock: LockCore) -> None:
-        self._schedule.track(lock, time.monotonic())
+        due = self._schedule.track(lock, time.monotonic())
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="celery-dlock-watchdog")
-        self._changed.set()
+        elif self._sleeping_until is not None and due < self._sleeping_until:
+            self._changed.set()
 
     async def untrack(self, lock: LockCore, wait: float) -> None:
         """Stop renewing ``lock``; waits (up to ``wait`` s) for a renewal already on the wire."""
@@ -79,6 +84,7 @@ class AsyncRenewalWatchdog:
     async def _run(self) -> None:
         while True:
             try:
+                self.wakeups += 1
                 now = time.monotonic()
                 plan = self._schedule.plan(now)
                 for lock in plan.lost:
@@ -90,10 +96,13 @@ class AsyncRenewalWatchdog:
                 if plan.lost or plan.batches:
                     continue
                 self._changed.clear()
+                self._sleeping_until = plan.wake_at
                 try:
                     await asyncio.wait_for(self._changed.wait(), max(0.0, plan.wake_at - now))
                 except asyncio.TimeoutError:
                     pass
+                finally:
+                    self._sleeping_until = None
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the watchdog die silently
