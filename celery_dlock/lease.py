@@ -20,6 +20,7 @@ from typing import Any
 from celery_dlock.errors import LockError, LockLost
 from celery_dlock.keys import LockKeys
 from celery_dlock.options import LockOptions, check_seconds, to_millis
+from celery_dlock.scripts import ACQUIRE, RELEASE, BoundScript
 
 logger = logging.getLogger("celery_dlock")
 
@@ -35,12 +36,6 @@ TOKEN_BYTES = 16  # 128 bits from os.urandom
 # Release waits at most this long for a renewal already on the wire to come back
 # (a late renewal is harmless anyway: it is token-checked and finds no key).
 RENEWAL_DRAIN_WAIT = 2.0
-
-# After a release hands the lock to the longest waiter, only that waiter may take
-# it for this long; if it does not (it died, or is very slow to wake), anyone may.
-HANDOFF_WINDOW_MS = 250
-# The waiters queue of a lock expires this long after the last waiter joined.
-WAITERS_TTL_MS = 10 * 60 * 1000
 
 # A blocking waiter that cannot reach Redis tries again after at least this long.
 MIN_WAIT_AFTER_ERROR = 0.05
@@ -62,7 +57,6 @@ class AcquireReply:
     """What one acquire attempt answered (or the error that kept it from answering)."""
 
     acquired: bool
-    fence: int | None = None
     remaining_ms: int | None = None  # lease left on the other holder's lock; -1: no expiry
     error: LockError | None = None  # Redis unreachable: a blocking waiter keeps trying
 
@@ -72,12 +66,9 @@ class AcquireReply:
             raise self.error
         return False
 
-    @classmethod
-    def parse(cls, reply: Any) -> AcquireReply:
-        status, value = int(reply[0]), int(reply[1])
-        if status == 1:
-            return cls(acquired=True, fence=value)
-        return cls(acquired=False, remaining_ms=value)
+
+# What every attempt that took the lock answers (the fence is on the lock object).
+ACQUIRED = AcquireReply(acquired=True)
 
 
 class AttemptPlan:
@@ -150,6 +141,11 @@ class LockCore:
     def __init__(self, options: LockOptions) -> None:
         self.options = options
         self.keys = LockKeys.for_name(options.name, options.prefix)
+        # The hot path's script calls, bound by the driver (_bind_scripts), and the
+        # lease, encoded once.
+        self._acquire_script: BoundScript
+        self._release_script: BoundScript
+        self._lease_arg = str(options.timeout_ms).encode()
         self._token: str | None = None
         self._fence: int | None = None
         self._lost = False
@@ -217,6 +213,13 @@ class LockCore:
 
     # -- transitions used by the drivers --------------------------------------------
 
+    def _bind_scripts(self, client: Any) -> None:
+        """Bind the acquire and release scripts to this lock's KEYS, encoded as ``client`` encodes keys."""
+        get_encoder = getattr(client, "get_encoder", None)
+        encode = get_encoder().encode if get_encoder is not None else None
+        self._acquire_script = ACQUIRE.bind(self.keys.acquire_keys, encode)
+        self._release_script = RELEASE.bind(self.keys.release_keys, encode)
+
     def make_token(self) -> str:
         """The owner token for a new acquisition: 128 random bits, hex.
 
@@ -233,6 +236,17 @@ class LockCore:
                 "release it first, or use another DistributedLock object"
             )
         return self.make_token()
+
+    def _take_reply(self, reply: Any, token: str, sent_at: float) -> AcquireReply:
+        """Read the ACQUIRE script's answer to an attempt sent at ``sent_at``.
+
+        An integer is the fence of an acquisition, which is recorded here; otherwise
+        it is [ms until it is worth trying again].
+        """
+        if isinstance(reply, int):
+            self._acquired(token, reply, sent_at)
+            return ACQUIRED
+        return AcquireReply(acquired=False, remaining_ms=int(reply[0]))
 
     def _acquired(self, token: str, fence: int, sent_at: float) -> None:
         self._token = token

@@ -21,9 +21,7 @@ from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
-    HANDOFF_WINDOW_MS,
     RENEWAL_DRAIN_WAIT,
-    WAITERS_TTL_MS,
     AcquireReply,
     AttemptPlan,
     LockCore,
@@ -32,7 +30,7 @@ from celery_dlock.lease import (
 )
 from celery_dlock.notify import notifier_for
 from celery_dlock.options import LockOptions, check_bool
-from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
+from celery_dlock.scripts import EXTEND, IS_OWNER, RELEASE, BoundScript, Script
 from celery_dlock.watchdog import get_watchdog
 
 logger = logging.getLogger("celery_dlock")
@@ -44,6 +42,14 @@ def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[
         return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+
+def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:
+    """:func:`run_script` for a script bound to its KEYS (the hot path: nothing rebuilt per call)."""
+    try:
+        return client.execute_command(*script.evalsha, *args)
+    except NoScriptError:
+        return client.execute_command(*script.eval, *args)
 
 
 def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
@@ -69,7 +75,7 @@ def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:
     """
     if not isinstance(suffix, str) or not suffix:
         raise ValueError(f"suffix must be a non-empty str, got {suffix!r}")
-    return bool(run_script(client, RELEASE, keys.release_keys, [suffix, HANDOFF_WINDOW_MS, "suffix"]))
+    return bool(run_script(client, RELEASE, keys.release_keys, [suffix, "suffix"]))
 
 
 def check_sync_client(client: object) -> Any:
@@ -122,6 +128,7 @@ class DistributedLock(LockCore):
         )
         super().__init__(options)
         self.redis = check_sync_client(redis)
+        self._bind_scripts(self.redis)
 
     # -- acquire -------------------------------------------------------------------
 
@@ -176,18 +183,10 @@ class DistributedLock(LockCore):
     def _attempt(self, token: str, mode: str) -> AcquireReply:
         sent_at = time.monotonic()
         try:
-            raw = run_script(
-                self.redis,
-                ACQUIRE,
-                self.keys.acquire_keys,
-                [token, self.options.timeout_ms, mode, WAITERS_TTL_MS],
-            )
-            reply = AcquireReply.parse(raw)
-            if reply.acquired:
-                assert reply.fence is not None
-                self._acquired(token, reply.fence, sent_at)
-                if self._watched:
-                    get_watchdog().track(self)
+            raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)
+            reply = self._take_reply(raw, token, sent_at)
+            if reply.acquired and self._watched:
+                get_watchdog().track(self)
             return reply
         except BaseException as exc:
             # The script may have run even though we never saw its reply (timeout,
@@ -205,7 +204,7 @@ class DistributedLock(LockCore):
         get_watchdog().untrack(self, wait=0)
         self._leave_queue(token)
         try:
-            run_script(self.redis, RELEASE, list(self.keys.release_keys), [token, HANDOFF_WINDOW_MS, "token"])
+            run_bound(self.redis, self._release_script, token)
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -226,14 +225,7 @@ class DistributedLock(LockCore):
         if self._watched:
             get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
-            released = bool(
-                run_script(
-                    self.redis,
-                    RELEASE,
-                    list(self.keys.release_keys),
-                    [token, HANDOFF_WINDOW_MS, "token"],
-                )
-            )
+            released = bool(run_bound(self.redis, self._release_script, token))
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
         self._finish_release(token, released)

@@ -8,6 +8,7 @@ reads a client clock: leases are server-side PX expiries.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -22,55 +23,103 @@ class Script:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
+    def bind(self, keys: Sequence[str], encode: Callable[[str], str | bytes] | None = None) -> BoundScript:
+        """This script with its KEYS fixed, for a caller that runs it over and over.
+
+        ``encode``: the redis-py client's key encoder (``client.get_encoder().encode``),
+        so the keys are encoded once here instead of on every call.
+        """
+        encoded = tuple(encode(key) for key in keys) if encode is not None else tuple(keys)
+        return BoundScript(self, tuple(keys), encoded)
+
+
+@dataclass(frozen=True)
+class BoundScript:
+    """A script and its KEYS, with the leading arguments of EVALSHA (and of EVAL, its
+    fallback) built once: a driver appends only the ARGV of each call.
+
+    The SHA, the KEYS count and the keys (with the client's own key encoder) go in
+    already encoded, as bytes, which redis-py sends as they are instead of encoding
+    them again on every call. The command name stays a str: redis-py's cluster
+    client routes EVALSHA by it.
+    """
+
+    script: Script
+    keys: tuple[str, ...]
+    encoded_keys: tuple[str | bytes, ...]
+    evalsha: tuple[str | bytes, ...] = field(init=False)
+    eval: tuple[str | bytes, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        numkeys = str(len(self.keys)).encode()
+        keys = self.encoded_keys
+        object.__setattr__(self, "evalsha", ("EVALSHA", self.script.sha.encode(), numkeys, *keys))
+        object.__setattr__(self, "eval", ("EVAL", self.script.source, numkeys, *keys))
+
+
+# After a release hands the lock to the longest waiter, only that waiter may take
+# it for this long; if it does not (it died, or is very slow to wake), anyone may.
+HANDOFF_WINDOW_MS = 250
+# The waiters queue of a lock expires this long after the last waiter joined.
+WAITERS_TTL_MS = 10 * 60 * 1000
+
+# The uncontended acquire and release are the hot path: both scripts take no
+# argument that is the same on every call (the two windows above are written into
+# their source), since each KEYS/ARGV entry costs the client an encode and the
+# server a Lua string, and the acquire answers a bare integer when it succeeds.
 
 # KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set);
-# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode, ARGV[4] lifetime of the waiters
-# set in ms. Modes: 'try' (one attempt, never queue), 'join' (the first attempt of
-# a blocking acquire: queue on failure), 'wait' (a later attempt: already queued).
+# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode.
+# Modes: 'try' (one attempt, never queue), 'join' (the first attempt of a blocking
+# acquire: queue on failure), 'wait' (a later attempt: already queued).
 # Takes the lock if it is free, or if a release handed it to this token
 # ('next:' .. token). A failed 'join'/'wait' attempt keeps its place in the queue
-# (ZADD NX). Returns {1, fence} when acquired, else {0, ms until it is worth
-# trying again} (-1: held without expiry).
+# (ZADD NX), which expires WAITERS_TTL_MS after the last waiter joined.
+# Returns the new fence (an integer) when acquired, else a one-element array:
+# {ms until it is worth trying again} (-1: held without expiry).
 ACQUIRE = Script(
     "acquire",
+    f"local waiters_ttl_ms = {WAITERS_TTL_MS}\n"
     """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == 'wait' then
     redis.call('ZREM', KEYS[3], ARGV[1])
   end
-  return {1, redis.call('INCR', KEYS[2])}
+  return redis.call('INCR', KEYS[2])
 end
 if ARGV[3] == 'try' then
-  return {0, redis.call('PTTL', KEYS[1])}
+  return {redis.call('PTTL', KEYS[1])}
 end
 if redis.call('GET', KEYS[1]) == 'next:' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
-  return {1, redis.call('INCR', KEYS[2])}
+  return redis.call('INCR', KEYS[2])
 end
 local now = redis.call('TIME')
 redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-return {0, redis.call('PTTL', KEYS[1])}
+redis.call('PEXPIRE', KEYS[3], waiters_ttl_ms)
+return {redis.call('PTTL', KEYS[1])}
 """,
 )
 
-# KEYS[1] lock, KEYS[2] waiters, KEYS[3] channel; ARGV[1] token, ARGV[2] handoff
-# window in ms, ARGV[3] 'token' (the value must equal ARGV[1]) or 'suffix' (it must
-# end with ARGV[1]: how a Celery worker's main process frees the lock of a pool
-# process that died, knowing only the owner part of its token).
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] channel; ARGV[1] token; ARGV[2] absent
+# (the value must equal ARGV[1]) or 'suffix' (it must end with ARGV[1]: how a
+# Celery worker's main process frees the lock of a pool process that died,
+# knowing only the owner part of its token).
 # Releases the lock only if it matches. If someone is waiting, hands the lock to
-# the longest waiter (the lock holds 'next:' .. its token for the window; only it
-# may take it) and publishes that waiter's token, which wakes just that waiter.
-# Returns 1 when released, 0 when the lock was not ours (expired or taken over).
+# the longest waiter (the lock holds 'next:' .. its token for HANDOFF_WINDOW_MS;
+# only it may take it) and publishes that waiter's token, which wakes just that
+# waiter. Returns 1 when released, 0 when the lock was not ours (expired or taken
+# over).
 RELEASE = Script(
     "release",
+    f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
     """
 local value = redis.call('GET', KEYS[1])
 if not value then
   return 0
 end
-if ARGV[3] == 'suffix' then
+if ARGV[2] == 'suffix' then
   local n = string.len(ARGV[1])
   if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1]
       or string.sub(value, 1, 5) == 'next:' then
@@ -81,7 +130,7 @@ elseif value ~= ARGV[1] then
 end
 local head = redis.call('ZPOPMIN', KEYS[2])
 if head[1] then
-  redis.call('SET', KEYS[1], 'next:' .. head[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], 'next:' .. head[1], 'PX', handoff_window_ms)
   redis.call('PUBLISH', KEYS[3], head[1])
 else
   redis.call('DEL', KEYS[1])

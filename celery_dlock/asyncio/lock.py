@@ -23,9 +23,7 @@ from redis.exceptions import NoScriptError, RedisError
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
-    HANDOFF_WINDOW_MS,
     RENEWAL_DRAIN_WAIT,
-    WAITERS_TTL_MS,
     AcquireReply,
     AttemptPlan,
     LockCore,
@@ -34,7 +32,7 @@ from celery_dlock.lease import (
 )
 from celery_dlock.lock import backend_error
 from celery_dlock.options import LockOptions, check_bool
-from celery_dlock.scripts import ACQUIRE, EXTEND, IS_OWNER, RELEASE, Script
+from celery_dlock.scripts import EXTEND, IS_OWNER, BoundScript, Script
 
 from .notify import notifier_for
 from .watchdog import get_watchdog
@@ -58,6 +56,14 @@ async def run_script(client: Any, script: Script, keys: Sequence[str], args: Seq
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+
+async def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:
+    """:func:`run_script` for a script bound to its KEYS (the hot path: nothing rebuilt per call)."""
+    try:
+        return await client.execute_command(*script.evalsha, *args)
+    except NoScriptError:
+        return await client.execute_command(*script.eval, *args)
 
 
 def check_async_client(client: object) -> Any:
@@ -109,6 +115,7 @@ class DistributedLock(LockCore):
         )
         super().__init__(options)
         self.redis = check_async_client(redis)
+        self._bind_scripts(self.redis)
 
     # -- acquire -------------------------------------------------------------------
 
@@ -158,16 +165,9 @@ class DistributedLock(LockCore):
 
     async def _attempt(self, token: str, mode: str) -> AcquireReply:
         sent_at = time.monotonic()
-        call = _spawn(
-            run_script(
-                self.redis,
-                ACQUIRE,
-                self.keys.acquire_keys,
-                [token, self.options.timeout_ms, mode, WAITERS_TTL_MS],
-            )
-        )
+        call = _spawn(run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode))
         try:
-            reply = AcquireReply.parse(await asyncio.shield(call))
+            raw = await asyncio.shield(call)
         except asyncio.CancelledError:
             # The script may still run (or have run): release whatever it takes.
             _spawn(self._abandon(token, call))
@@ -179,11 +179,9 @@ class DistributedLock(LockCore):
                 raise error from exc
             error.__cause__ = exc
             return AcquireReply(acquired=False, error=error)
-        if reply.acquired:
-            assert reply.fence is not None
-            self._acquired(token, reply.fence, sent_at)
-            if self._watched:
-                get_watchdog().track(self)
+        reply = self._take_reply(raw, token, sent_at)
+        if reply.acquired and self._watched:
+            get_watchdog().track(self)
         return reply
 
     async def _abandon(self, token: str, call: Awaitable[Any]) -> None:
@@ -194,9 +192,7 @@ class DistributedLock(LockCore):
         get_watchdog().untrack_now(self)
         await self._leave_queue(token)
         try:
-            await run_script(
-                self.redis, RELEASE, list(self.keys.release_keys), [token, HANDOFF_WINDOW_MS, "token"]
-            )
+            await run_bound(self.redis, self._release_script, token)
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -211,9 +207,7 @@ class DistributedLock(LockCore):
             return False
         if self._watched:
             await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
-        call = _spawn(
-            run_script(self.redis, RELEASE, list(self.keys.release_keys), [token, HANDOFF_WINDOW_MS, "token"])
-        )
+        call = _spawn(run_bound(self.redis, self._release_script, token))
         try:
             released = bool(await asyncio.shield(call))
         except asyncio.CancelledError:
