@@ -20,7 +20,7 @@ from typing import Any
 from celery_dlock.errors import LockError, LockLost
 from celery_dlock.keys import LockKeys
 from celery_dlock.options import LockOptions, check_seconds, to_millis
-from celery_dlock.scripts import ACQUIRE, RELEASE, BoundScript
+from celery_dlock.scripts import ACQUIRE, JOIN, RELEASE, TRY, BoundScript
 
 logger = logging.getLogger("celery_dlock")
 
@@ -146,6 +146,9 @@ class LockCore:
         self._acquire_script: BoundScript
         self._release_script: BoundScript
         self._lease_arg = str(options.timeout_ms).encode()
+        # The mode of a blocking acquire's first attempt: queue on failure only if
+        # more attempts follow.
+        self._blocking_mode = JOIN if options.can_wait else TRY
         self._token: str | None = None
         self._fence: int | None = None
         self._lost = False

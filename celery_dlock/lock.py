@@ -30,7 +30,7 @@ from celery_dlock.lease import (
 )
 from celery_dlock.notify import notifier_for
 from celery_dlock.options import LockOptions, check_bool
-from celery_dlock.scripts import EXTEND, IS_OWNER, RELEASE, BoundScript, Script
+from celery_dlock.scripts import EXTEND, IS_OWNER, JOIN, RELEASE, TRY, WAIT, BoundScript, Script
 from celery_dlock.watchdog import get_watchdog
 
 logger = logging.getLogger("celery_dlock")
@@ -144,13 +144,13 @@ class DistributedLock(LockCore):
         check_bool("blocking", blocking)
         token = self._start_attempt()
         started = time.monotonic()
-        mode = "join" if blocking and self.options.can_wait else "try"
+        mode = self._blocking_mode if blocking else TRY
         reply = self._attempt(token, mode)
         if reply.acquired:
             return True
         plan = AttemptPlan(self.options, blocking, started)
-        if mode == "join":
-            mode = "wait"  # the failed first attempt queued us
+        if mode == JOIN:
+            mode = WAIT  # the failed first attempt queued us
         try:
             if not plan.may_retry(time.monotonic()):
                 return self._give_up(token, mode, reply)
@@ -169,8 +169,8 @@ class DistributedLock(LockCore):
             raise
         return True
 
-    def _give_up(self, token: str, mode: str, reply: AcquireReply) -> bool:
-        if mode != "try":  # leave the queue, so no release hands the lock to us
+    def _give_up(self, token: str, mode: bytes, reply: AcquireReply) -> bool:
+        if mode != TRY:  # leave the queue, so no release hands the lock to us
             self._leave_queue(token)
         return reply.give_up()
 
@@ -180,7 +180,7 @@ class DistributedLock(LockCore):
         except RedisError as exc:
             logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
 
-    def _attempt(self, token: str, mode: str) -> AcquireReply:
+    def _attempt(self, token: str, mode: bytes) -> AcquireReply:
         sent_at = time.monotonic()
         try:
             raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)

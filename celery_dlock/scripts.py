@@ -68,6 +68,9 @@ WAITERS_TTL_MS = 10 * 60 * 1000
 # their source), since each KEYS/ARGV entry costs the client an encode and the
 # server a Lua string, and the acquire answers a bare integer when it succeeds.
 
+# The modes of ACQUIRE (its ARGV[3]), as bytes, which redis-py sends as they are.
+TRY, JOIN, WAIT = b"try", b"join", b"wait"
+
 # KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set);
 # ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode.
 # Modes: 'try' (one attempt, never queue), 'join' (the first attempt of a blocking
