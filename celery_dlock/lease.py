@@ -155,7 +155,6 @@ class LockCore:
         self._lost_reason = ""
         self._lost_notified = False
         self._trusted_until = 0.0
-        self._acquired_pid = 0
         # Whether the watchdog knows this lock (auto_renewal or on_lost): only then
         # does release have to stop its renewal first.
         self._watched = self.options.auto_renewal or self.options.on_lost is not None
@@ -258,7 +257,6 @@ class LockCore:
         self._lost_reason = ""
         self._lost_notified = False
         self._trusted_until = trusted_until(sent_at, self.options.timeout_ms)
-        self._acquired_pid = os.getpid()
 
     def _renewed(self, lease_ms: int, sent_at: float) -> None:
         if not self._lost:
