@@ -55,12 +55,14 @@ class LockKeys:
     fencing tokens never go backwards while the Redis dataset survives.
     ``waiters``: sorted set of blocked acquirers' tokens, by arrival (FIFO handoff).
     ``channel``: pub/sub channel a release publishes the chosen waiter's token on.
+    ``note``: what the last holder left with its release (locks with ``note_ttl``).
     """
 
     lock: str
     fence: str
     waiters: str
     channel: str
+    note: str
     # The KEYS of the acquire and release scripts, built once.
     acquire_keys: tuple[str, str, str]
     release_keys: tuple[str, str, str]
@@ -74,6 +76,7 @@ class LockKeys:
             fence=fence,
             waiters=waiters,
             channel=channel,
+            note=f"{lock}:note",
             acquire_keys=(lock, fence, waiters),
             release_keys=(lock, waiters, channel),
         )

@@ -151,6 +151,7 @@ class LockCore:
         self._blocking_mode = JOIN if options.can_wait else TRY
         self._token: str | None = None
         self._fence: int | None = None
+        self._note: str | None = None
         self._lost = False
         self._lost_reason = ""
         self._lost_notified = False
@@ -178,6 +179,16 @@ class LockCore:
     def fence(self) -> int | None:
         """Fencing token of the current acquisition: larger than every earlier one for this name."""
         return self._fence
+
+    @property
+    def note(self) -> str | None:
+        """The note the last holder left with its release, read with this acquisition.
+
+        Only for locks made with ``note_ttl`` (None otherwise, and when no note
+        was left or it expired). Acquisition and note are one atomic step, so the
+        note is exactly what the previous holder released with.
+        """
+        return self._note
 
     @property
     def lost(self) -> bool:
@@ -219,8 +230,9 @@ class LockCore:
         """Bind the acquire and release scripts to this lock's KEYS, encoded as ``client`` encodes keys."""
         get_encoder = getattr(client, "get_encoder", None)
         encode = get_encoder().encode if get_encoder is not None else None
-        self._acquire_script = ACQUIRE.bind(self.keys.acquire_keys, encode)
-        self._release_script = RELEASE.bind(self.keys.release_keys, encode)
+        note_key = (self.keys.note,) if self.options.note_ttl is not None else ()
+        self._acquire_script = ACQUIRE.bind(self.keys.acquire_keys + note_key, encode)
+        self._release_script = RELEASE.bind(self.keys.release_keys + note_key, encode)
 
     def make_token(self) -> str:
         """The owner token for a new acquisition: 128 random bits, hex.
@@ -247,6 +259,11 @@ class LockCore:
         """
         if isinstance(reply, int):
             self._acquired(token, reply, sent_at)
+            return ACQUIRED
+        if len(reply) == 2:  # {fence, note}: a lock with notes
+            self._acquired(token, int(reply[0]), sent_at)
+            note = reply[1]
+            self._note = note.decode("utf-8", "replace") if isinstance(note, bytes) else note
             return ACQUIRED
         return AcquireReply(acquired=False, remaining_ms=int(reply[0]))
 
@@ -288,6 +305,19 @@ class LockCore:
         """ARGV of the EXTEND script for ``extend(additional_time, replace)``."""
         cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
         return [token, lease_ms, "set" if replace else "add", cap]
+
+    def _release_args(self, token: str, note: str | None) -> tuple[str, ...]:
+        """ARGV of the RELEASE script after its KEYS; checks ``note`` before anything is sent."""
+        if note is None:
+            return (token,)
+        if not isinstance(note, str):
+            raise TypeError(f"note must be a str or None, got {type(note).__name__}: {note!r}")
+        note_ttl = self.options.note_ttl
+        if note_ttl is None:
+            raise ValueError(
+                f"lock {self.name!r} keeps no notes: create it with note_ttl=<seconds> to release with a note"
+            )
+        return (token, "note", note, str(to_millis(note_ttl)))
 
     def _finish_release(self, token: str, released: bool) -> None:
         """After the release script answered: a lock that was not ours any more was lost."""

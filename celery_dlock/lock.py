@@ -113,6 +113,7 @@ class DistributedLock(LockCore):
         *,
         prefix: str = DEFAULT_PREFIX,
         max_lease: float | None = None,
+        note_ttl: float | None = None,
     ) -> None:
         options = LockOptions.build(
             lock_name,
@@ -125,6 +126,7 @@ class DistributedLock(LockCore):
             on_lost=on_lost,
             prefix=prefix,
             max_lease=max_lease,
+            note_ttl=note_ttl,
         )
         super().__init__(options)
         self.redis = check_sync_client(redis)
@@ -212,20 +214,25 @@ class DistributedLock(LockCore):
 
     # -- release -------------------------------------------------------------------
 
-    def release(self) -> bool:
+    def release(self, note: str | None = None) -> bool:
         """Release the lock if this object holds it; False (never a delete) otherwise.
 
         Renewal stops first. If Redis cannot be reached the token is kept (so a
         later release can still succeed) and :class:`LockBackendUnavailable` is
         raised; the lock then ends when its lease runs out.
+
+        ``note`` (locks made with ``note_ttl``): left for the next holder, who
+        reads it as :attr:`note`; written in the same atomic step as the release,
+        and only if the lock was still ours. Without a note, the last one stays.
         """
         token = self._token
         if token is None:
             return False
+        args = self._release_args(token, note)
         if self._watched:
             get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
-            released = bool(run_bound(self.redis, self._release_script, token))
+            released = bool(run_bound(self.redis, self._release_script, *args))
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
         self._finish_release(token, released)

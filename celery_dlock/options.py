@@ -80,6 +80,7 @@ class LockOptions:
     prefix: str
     max_lease: float | None
     timeout_ms: int  # the lease as sent to Redis (PX), computed once
+    note_ttl: float | None = None  # keep handover notes this long (None: no notes)
 
     @property
     def can_wait(self) -> bool:
@@ -100,6 +101,7 @@ class LockOptions:
         on_lost: object = None,
         prefix: object = DEFAULT_PREFIX,
         max_lease: object = None,
+        note_ttl: object = None,
     ) -> LockOptions:
         name = check_name(lock_name)
         lease = check_seconds("timeout", timeout)
@@ -137,4 +139,5 @@ class LockOptions:
             prefix=check_prefix(prefix),
             max_lease=cap,
             timeout_ms=to_millis(lease),
+            note_ttl=check_seconds("note_ttl", note_ttl, allow_none=True),
         )

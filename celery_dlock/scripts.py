@@ -71,15 +71,17 @@ WAITERS_TTL_MS = 10 * 60 * 1000
 # The modes of ACQUIRE (its ARGV[3]), as bytes, which redis-py sends as they are.
 TRY, JOIN, WAIT = b"try", b"join", b"wait"
 
-# KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set);
+# KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set), KEYS[4] (only
+# for locks with notes) the note the last holder left at release;
 # ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode.
 # Modes: 'try' (one attempt, never queue), 'join' (the first attempt of a blocking
 # acquire: queue on failure), 'wait' (a later attempt: already queued).
 # Takes the lock if it is free, or if a release handed it to this token
 # ('next:' .. token). A failed 'join'/'wait' attempt keeps its place in the queue
 # (ZADD NX), which expires WAITERS_TTL_MS after the last waiter joined.
-# Returns the new fence (an integer) when acquired, else a one-element array:
-# {ms until it is worth trying again} (-1: held without expiry).
+# Returns the new fence (an integer) when acquired, or {fence, note or nil} when
+# KEYS[4] is given, else a one-element array: {ms until it is worth trying again}
+# (-1: held without expiry).
 ACQUIRE = Script(
     "acquire",
     f"local waiters_ttl_ms = {WAITERS_TTL_MS}\n"
@@ -87,6 +89,9 @@ ACQUIRE = Script(
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == 'wait' then
     redis.call('ZREM', KEYS[3], ARGV[1])
+  end
+  if KEYS[4] then
+    return {redis.call('INCR', KEYS[2]), redis.call('GET', KEYS[4])}
   end
   return redis.call('INCR', KEYS[2])
 end
@@ -96,6 +101,9 @@ end
 if redis.call('GET', KEYS[1]) == 'next:' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
+  if KEYS[4] then
+    return {redis.call('INCR', KEYS[2]), redis.call('GET', KEYS[4])}
+  end
   return redis.call('INCR', KEYS[2])
 end
 local now = redis.call('TIME')
@@ -105,10 +113,12 @@ return {redis.call('PTTL', KEYS[1])}
 """,
 )
 
-# KEYS[1] lock, KEYS[2] waiters, KEYS[3] channel; ARGV[1] token; ARGV[2] absent
-# (the value must equal ARGV[1]) or 'suffix' (it must end with ARGV[1]: how a
-# Celery worker's main process frees the lock of a pool process that died,
-# knowing only the owner part of its token).
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] channel, KEYS[4] (only for locks with
+# notes) the note; ARGV[1] token; ARGV[2] absent (the value must equal ARGV[1]),
+# 'note' (the same, and ARGV[3] is a note kept ARGV[4] ms, written only if the
+# lock was ours) or 'suffix' (the value must end with ARGV[1]: how a Celery
+# worker's main process frees the lock of a pool process that died, knowing only
+# the owner part of its token).
 # Releases the lock only if it matches. If someone is waiting, hands the lock to
 # the longest waiter (the lock holds 'next:' .. its token for HANDOFF_WINDOW_MS;
 # only it may take it) and publishes that waiter's token, which wakes just that
@@ -130,6 +140,8 @@ if ARGV[2] == 'suffix' then
   end
 elseif value ~= ARGV[1] then
   return 0
+elseif ARGV[2] == 'note' then
+  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
 end
 local head = redis.call('ZPOPMIN', KEYS[2])
 if head[1] then

@@ -100,6 +100,7 @@ class DistributedLock(LockCore):
         *,
         prefix: str = DEFAULT_PREFIX,
         max_lease: float | None = None,
+        note_ttl: float | None = None,
     ) -> None:
         options = LockOptions.build(
             lock_name,
@@ -112,6 +113,7 @@ class DistributedLock(LockCore):
             on_lost=on_lost,
             prefix=prefix,
             max_lease=max_lease,
+            note_ttl=note_ttl,
         )
         super().__init__(options)
         self.redis = check_async_client(redis)
@@ -200,14 +202,18 @@ class DistributedLock(LockCore):
 
     # -- release -------------------------------------------------------------------
 
-    async def release(self) -> bool:
-        """Release the lock if this object holds it; False (never a delete) otherwise."""
+    async def release(self, note: str | None = None) -> bool:
+        """Release the lock if this object holds it; False (never a delete) otherwise.
+
+        ``note``: as :meth:`celery_dlock.DistributedLock.release`.
+        """
         token = self._token
         if token is None:
             return False
+        args = self._release_args(token, note)
         if self._watched:
             await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
-        call = _spawn(run_bound(self.redis, self._release_script, token))
+        call = _spawn(run_bound(self.redis, self._release_script, *args))
         try:
             released = bool(await asyncio.shield(call))
         except asyncio.CancelledError:

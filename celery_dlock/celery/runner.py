@@ -45,6 +45,7 @@ from celery.signals import task_postrun
 from redis.exceptions import RedisError
 
 from celery_dlock.celery import dedup
+from celery_dlock.celery.coalesce import RunNote, requested_at
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.errors import TaskSkipped
 from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
@@ -83,6 +84,8 @@ class ActiveRun:
     lock: TaskLock
     client: Any
     acquired_at: float
+    #: Left beside the lock if the run succeeds (skip policy; see coalesce.py), else None.
+    note: RunNote | None = None
 
 
 class _BackendDown(Exception):
@@ -113,16 +116,20 @@ def run_locked(
     lock = acquisition.acquire()
     if lock is None:  # Redis unreachable and lock_on_redis_error="run"
         return body()
-    active = ActiveRun(task, config, lock, client, time.monotonic())
+    active = ActiveRun(task, config, lock, client, time.monotonic(), acquisition.note_to_leave())
     token = _current_lock.set(lock)
     if request.called_directly or nested:
         # A plain call, or a call nested in a running body: task_postrun will not
         # release this lock (it belongs to the outer run), so release it here.
         try:
-            return body()
-        finally:
+            result = body()
+        except BaseException:
             _current_lock.reset(token)
             finish_run(active)
+            raise
+        _current_lock.reset(token)
+        finish_run(active, state=states.SUCCESS)
+        return result
     setattr(request, ACTIVE_ATTR, active)
     try:
         return body()
@@ -154,6 +161,15 @@ class Acquisition:
         self.name = config.key.name_for(args, kwargs)
         self.keys = LockKeys.for_name(self.name, config.prefix)
         self.started = time.monotonic()
+        # Skip policy: runs leave a note when they succeed, and a queued call that
+        # a later-started successful run covered is skipped (see coalesce.py).
+        self.notes = isinstance(config.policy, Skip) and config.skip_covered
+        self.requested_at = requested_at(request) if self.notes and not self.in_process else None
+        self.started_at = time.time()
+
+    def note_to_leave(self) -> RunNote | None:
+        """The note this run leaves beside its lock if it succeeds (None when notes are off)."""
+        return RunNote(self.started_at, self.task_id) if self.notes else None
 
     # -- the decision ---------------------------------------------------------------
 
@@ -161,6 +177,7 @@ class Acquisition:
         try:
             lock = self._attempt(None)
             if lock is not None:
+                self._skip_if_covered(lock)
                 return self._acquired(lock)
             holder = self._holder()
             if holder is not None and holder.task_id == self.task_id and not self.in_process:
@@ -185,6 +202,24 @@ class Acquisition:
         if isinstance(policy, Skip):
             self._skip(holder)
         self._fail(holder)
+
+    def _skip_if_covered(self, lock: TaskLock) -> None:
+        """Skip this call if the last successful run started after it was requested."""
+        if self.requested_at is None:
+            return
+        note = RunNote.parse(lock.note)
+        if note is None or not note.covers(self.requested_at):
+            return
+        try:
+            lock.release()  # no note: nothing ran
+        except LockError as exc:
+            logger.warning("could not release lock %r of a covered call (%s)", self.name, exc)
+        ago = self.started_at - note.started_at
+        self._skip(
+            Owner(note.task_id, "", 0),
+            reason=f"covered by task {note.task_id}, which succeeded after starting "
+            f"{note.started_at - self.requested_at:.3f}s after this call was requested ({ago:.3f}s ago)",
+        )
 
     def _wait_for_earlier_delivery(self) -> TaskLock:
         self._announce(
@@ -262,9 +297,12 @@ class Acquisition:
         )
         return lock
 
-    def _skip(self, holder: Owner | None, cause: LockError | None = None) -> NoReturn:
+    def _skip(
+        self, holder: Owner | None, cause: LockError | None = None, reason: str | None = None
+    ) -> NoReturn:
         who = f"task {holder.task_id}" if holder else "another owner"
-        reason = f"Redis unreachable: {cause}" if cause else f"lock {self.name!r} is held by {who}"
+        if reason is None:
+            reason = f"Redis unreachable: {cause}" if cause else f"lock {self.name!r} is held by {who}"
         message = f"skipped {self.task.name}[{self.task_id}]: {reason}"
         self._announce(holder, "skip", reason)
         exc = TaskSkipped(message, holder.task_id if holder else None, self.name)
@@ -341,6 +379,7 @@ class Acquisition:
             blocking_timeout=wait if wait else None,
             on_lost=_report_lost(self.task, self.task_id),
             prefix=self.config.prefix,
+            note_ttl=self.config.dedup_timeout if self.notes else None,
         )
         try:
             acquired = lock.acquire(blocking=bool(wait))
@@ -420,8 +459,9 @@ def finish_run(
         delay = float(when) if isinstance(when, (int, float)) else 0.0
         dedup.remark_queued(active.client, lock.keys, task_id, config.dedup_timeout + delay)
     fence = lock.fence
+    note = active.note.text() if active.note is not None and state == states.SUCCESS else None
     try:
-        released = lock.release()
+        released = lock.release(note=note)
     except LockError as exc:
         logger.warning(
             "could not release lock %r of %s[%s] (%s); it ends when its lease runs out",

@@ -41,6 +41,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("lock_on_redis_error", "dlock_on_redis_error", "contention"),
     Option("dedup_on_publish", "dlock_dedup_on_publish", False),
     Option("dedup_timeout", "dlock_dedup_timeout", 3600.0),
+    Option("lock_skip_covered", "dlock_skip_covered", True),
 )
 OPTION_NAMES = tuple(option.attribute for option in OPTIONS)
 
@@ -57,6 +58,8 @@ class TaskLockConfig:
     dedup_on_publish: bool
     dedup_timeout: float
     prefix: str
+    #: With the skip policy: also skip a call that a successful run started after it was requested.
+    skip_covered: bool = True
 
 
 def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[Any, str]]:
@@ -128,6 +131,7 @@ def build_config(
         dedup = check_bool(named("dedup_on_publish"), values["dedup_on_publish"][0])
         dedup_timeout = check_seconds(named("dedup_timeout"), values["dedup_timeout"][0])
         assert dedup_timeout is not None
+        skip_covered = check_bool(named("lock_skip_covered"), values["lock_skip_covered"][0])
         key = build_lock_key(values["lock_key"][0], task_name, signature)
     except (TypeError, ValueError) as exc:
         # Name the task even when the message came from a shared checker.
@@ -144,6 +148,7 @@ def build_config(
         dedup_on_publish=dedup,
         dedup_timeout=dedup_timeout,
         prefix=lock_prefix(conf),
+        skip_covered=skip_covered,
     )
 
 

@@ -59,6 +59,7 @@ class LockedTask(Task):  # type: ignore[misc]
     lock_on_redis_error: Any = None
     dedup_on_publish: Any = None
     dedup_timeout: Any = None
+    lock_skip_covered: Any = None
 
     _dlock_config: TaskLockConfig | None = None
 

@@ -52,6 +52,8 @@ BAD_OPTIONS = [
     ({"lock_on_redis_error": 1}, TypeError, "lock_on_redis_error .* int: 1"),
     ({"dedup_on_publish": "yes"}, TypeError, "dedup_on_publish .* True or False, got str: 'yes'"),
     ({"dedup_timeout": 0}, ValueError, "dedup_timeout .* > 0 seconds, got 0"),
+    ({"lock_skip_covered": "no"}, TypeError, "lock_skip_covered of task .* True or False, got str: 'no'"),
+    ({"lock_skip_covered": 0}, TypeError, "lock_skip_covered .* True or False, got int: 0"),
     ({"lock_key": 42}, TypeError, "lock_key of .* got int: 42"),
     ({"lock_key": ["orderid"]}, ValueError, "names 'orderid', which is not an argument"),
     ({"lock_key": "order:{orderid}"}, ValueError, "refers to 'orderid'"),
@@ -82,6 +84,7 @@ def test_bad_option_fails_when_a_lazy_app_is_finalized() -> None:
         ("dlock_on_contention", "maybe", "dlock_on_contention of task .* got 'maybe'"),
         ("dlock_max_retries", -3, "dlock_max_retries of task .* got -3"),
         ("dlock_on_redis_error", "open", "dlock_on_redis_error of task .* got 'open'"),
+        ("dlock_skip_covered", "off", "dlock_skip_covered of task .* got str: 'off'"),
     ],
 )
 def test_bad_app_setting_is_rejected_naming_the_setting(setting: str, value: Any, message: str) -> None:
