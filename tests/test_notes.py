@@ -141,3 +141,16 @@ def test_asyncio_notes_mirror_the_sync_ones(redis_url: str, name: str) -> None:
 
     before, after, lost_release = asyncio.run(main())
     assert before is None and after == "from asyncio" and lost_release is False
+
+
+def test_the_documented_watermark_example(r: redis.Redis, name: str) -> None:
+    def run_job() -> int:
+        lock = DistributedLock(r, name, note_ttl=86400)
+        with lock:
+            start = int(lock.note or 0)
+            end = start + 10
+            lock.release(note=str(end))  # the next holder starts here
+        return start
+
+    assert [run_job() for _ in range(3)] == [0, 10, 20]
+    assert DistributedLock(r, name).read_holder() is None
