@@ -1,19 +1,23 @@
-"""Skip's second half: a call is a duplicate if a run with its key *started after it was requested*.
+"""Skip, made independent of timing: a call requested while an identical one was queued or running.
 
-"Skip" drops a call whose lock is held. That alone lets duplicates through when
-they wait in the queue: ten identical calls sent together, one runs, and any
-copy consumed after that run ended finds the lock free and runs again, though
-the run it duplicates began after it was sent and did exactly what it asked.
-So with ``on_contention="skip"`` (and ``lock_skip_covered``, on by default) a
-call is also skipped when it is *covered*:
+"Skip" drops a call whose lock is held: one requested while an identical call
+runs is dropped if a worker happens to take it during that run. Queued copies
+slip through: ten identical calls sent together, one runs, and every copy a
+worker takes *after* that run ended finds the lock free and runs again. So with
+``on_contention="skip"`` (and ``lock_skip_covered``, on by default) a call is
+also skipped when it is *covered*: it was requested before the last successful
+run with its key ended, i.e. while that call was queued or running. This is the
+rule celery-once and celery-singleton apply at publish time, applied when the
+message runs instead (so ``send_task``, beat and canvas paths are covered too,
+and a run that did not succeed covers nothing):
 
 * every message is stamped at publish with when it asked to run
   (:data:`REQUESTED_HEADER`: the publish time, or its ETA/countdown if later);
 * a run that ends in SUCCESS leaves a note beside its lock, written atomically
-  with its release: when it started and its task id (:class:`RunNote`);
-* a run reads that note atomically with its acquisition; if the last successful
-  run started at or after this message's stamp, this message is skipped
-  (``TaskSkipped`` naming that run) and the lock released at once.
+  with its release: when it ended and its task id (:class:`RunNote`);
+* a run reads that note atomically with its acquisition; if this message's stamp
+  is not later than the last successful run's end, it is skipped (``TaskSkipped``
+  naming that run) and the lock released at once.
 
 A run that fails, is retried or dies leaves no note, so its duplicates still run.
 A message without a stamp (published by a process that does not import
@@ -22,7 +26,7 @@ celery-dlock) is only skipped while the lock is held.
 The stamp and the note are wall-clock times of two hosts (publisher and
 worker): clock skew between them moves the boundary by the skew. The lease
 never depends on it (leases are server-side PX expiries); only which of two
-near-simultaneous duplicates counts as "sent before the run started" does.
+near-simultaneous calls counts as "requested before that run ended" does.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ REQUESTED_HEADER = "dlock_requested_at"
 
 @dataclass(frozen=True)
 class RunNote:
-    """What a successful run leaves beside its lock: when it started, and its task id."""
+    """What a successful run leaves beside its lock: when it ended, and its task id."""
 
-    started_at: float
+    finished_at: float
     task_id: str
 
     def text(self) -> str:
-        return f"{self.started_at!r}|{self.task_id}"
+        return f"{self.finished_at!r}|{self.task_id}"
 
     @classmethod
     def parse(cls, text: Any) -> RunNote | None:
@@ -55,18 +59,18 @@ class RunNote:
             return None
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        started, sep, task_id = str(text).partition("|")
+        finished, sep, task_id = str(text).partition("|")
         try:
-            started_at = float(started)
+            finished_at = float(finished)
         except ValueError:
             return None
-        if not sep or not math.isfinite(started_at):
+        if not sep or not math.isfinite(finished_at):
             return None
-        return cls(started_at, task_id)
+        return cls(finished_at, task_id)
 
     def covers(self, requested_at: float) -> bool:
-        """Whether this run started at or after a call requested at ``requested_at``."""
-        return self.started_at >= requested_at
+        """Whether a call requested at ``requested_at`` was requested before this run ended."""
+        return self.finished_at >= requested_at
 
 
 def requested_at(request: Any) -> float | None:

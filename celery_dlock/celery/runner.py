@@ -84,8 +84,8 @@ class ActiveRun:
     lock: TaskLock
     client: Any
     acquired_at: float
-    #: Left beside the lock if the run succeeds (skip policy; see coalesce.py), else None.
-    note: RunNote | None = None
+    #: Whether the run leaves a note beside its lock when it succeeds (skip policy; see coalesce.py).
+    leaves_note: bool = False
 
 
 class _BackendDown(Exception):
@@ -116,7 +116,7 @@ def run_locked(
     lock = acquisition.acquire()
     if lock is None:  # Redis unreachable and lock_on_redis_error="run"
         return body()
-    active = ActiveRun(task, config, lock, client, time.monotonic(), acquisition.note_to_leave())
+    active = ActiveRun(task, config, lock, client, time.monotonic(), acquisition.notes)
     token = _current_lock.set(lock)
     if request.called_directly or nested:
         # A plain call, or a call nested in a running body: task_postrun will not
@@ -165,11 +165,6 @@ class Acquisition:
         # a later-started successful run covered is skipped (see coalesce.py).
         self.notes = isinstance(config.policy, Skip) and config.skip_covered
         self.requested_at = requested_at(request) if self.notes and not self.in_process else None
-        self.started_at = time.time()
-
-    def note_to_leave(self) -> RunNote | None:
-        """The note this run leaves beside its lock if it succeeds (None when notes are off)."""
-        return RunNote(self.started_at, self.task_id) if self.notes else None
 
     # -- the decision ---------------------------------------------------------------
 
@@ -204,7 +199,7 @@ class Acquisition:
         self._fail(holder)
 
     def _skip_if_covered(self, lock: TaskLock) -> None:
-        """Skip this call if the last successful run started after it was requested."""
+        """Skip this call if it was requested before the last successful run of its key ended."""
         if self.requested_at is None:
             return
         note = RunNote.parse(lock.note)
@@ -214,11 +209,10 @@ class Acquisition:
             lock.release()  # no note: nothing ran
         except LockError as exc:
             logger.warning("could not release lock %r of a covered call (%s)", self.name, exc)
-        ago = self.started_at - note.started_at
         self._skip(
             Owner(note.task_id, "", 0),
-            reason=f"covered by task {note.task_id}, which succeeded after starting "
-            f"{note.started_at - self.requested_at:.3f}s after this call was requested ({ago:.3f}s ago)",
+            reason=f"covered by task {note.task_id}, which was queued or running when this call was "
+            f"requested and succeeded {note.finished_at - self.requested_at:.3f}s after that",
         )
 
     def _wait_for_earlier_delivery(self) -> TaskLock:
@@ -459,7 +453,9 @@ def finish_run(
         delay = float(when) if isinstance(when, (int, float)) else 0.0
         dedup.remark_queued(active.client, lock.keys, task_id, config.dedup_timeout + delay)
     fence = lock.fence
-    note = active.note.text() if active.note is not None and state == states.SUCCESS else None
+    note = None
+    if active.leaves_note and state == states.SUCCESS:
+        note = RunNote(time.time(), task_id).text()
     try:
         released = lock.release(note=note)
     except LockError as exc:

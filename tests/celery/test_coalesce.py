@@ -1,4 +1,4 @@
-"""Skip policy: a queued duplicate is skipped if a successful run *started after it was requested*.
+"""Skip policy: a call requested while an identical call was queued or running is skipped.
 
 The worker runs one task at a time (``-c 1``), so every queued duplicate is
 consumed after the run it duplicates has ended and released its lock: "skip
@@ -54,13 +54,25 @@ def test_ten_queued_duplicates_run_once(coalesce: ModuleType, tag: str) -> None:
     assert any("covered by task" in str(exc) for exc in skipped), [str(exc) for exc in skipped]
 
 
-def test_a_call_requested_after_the_run_started_runs_again(coalesce: ModuleType, tag: str) -> None:
+def test_a_call_requested_while_the_run_ran_is_skipped_though_taken_after_it_ended(
+    coalesce: ModuleType, tag: str
+) -> None:
     first = coalesce.refresh.delay(tag, 0.5)
     wait_until(lambda: read_started(tag), 20, what="the first run to start")
-    second = coalesce.refresh.delay(tag, 0.0)  # requested while the first runs
-    outcomes([first, second], timeout=30)
-    ran = read_records(tag)
-    assert [r["task_id"] for r in ran] == [first.id, second.id]
+    second = coalesce.refresh.delay(tag, 0.5)  # the same call, requested while the first runs
+    values = outcomes([first, second], timeout=30)
+    # One pool process: the second was taken only after the first had released its lock.
+    assert [r["task_id"] for r in read_records(tag)] == [first.id]
+    assert isinstance(values[1], TaskSkipped) and values[1].holder == first.id
+    assert "covered by task" in str(values[1])
+
+
+def test_a_call_requested_after_the_run_ended_runs_again(coalesce: ModuleType, tag: str) -> None:
+    first = coalesce.refresh.delay(tag, 0.0)
+    outcomes([first], timeout=30)
+    second = coalesce.refresh.delay(tag, 0.0)
+    outcomes([second], timeout=30)
+    assert [r["task_id"] for r in read_records(tag)] == [first.id, second.id]
 
 
 def test_a_failed_run_covers_nothing(coalesce: ModuleType, tag: str) -> None:
@@ -99,4 +111,5 @@ def test_the_stamp_keeps_the_first_request_time_and_honours_the_eta() -> None:
     assert due_later[REQUESTED_HEADER] == 1893456000.0
     assert RunNote.parse(RunNote(12.5, "abc").text()) == RunNote(12.5, "abc")
     assert RunNote.parse(b"garbage") is None and RunNote.parse("nan|x") is None
-    assert RunNote(10.0, "a").covers(10.0) and not RunNote(10.0, "a").covers(10.5)
+    assert RunNote(10.0, "a").covers(9.5) and RunNote(10.0, "a").covers(10.0)
+    assert not RunNote(10.0, "a").covers(10.5)
