@@ -77,8 +77,10 @@ TRY, JOIN, WAIT = b"try", b"join", b"wait"
 # Modes: 'try' (one attempt, never queue), 'join' (the first attempt of a blocking
 # acquire: queue on failure), 'wait' (a later attempt: already queued).
 # Takes the lock if it is free, or if a release handed it to this token
-# ('next:' .. token). A failed 'join'/'wait' attempt keeps its place in the queue
-# (ZADD NX), which expires WAITERS_TTL_MS after the last waiter joined.
+# ('next:' .. token); a lock that already holds this token is this attempt's own
+# (a retried request whose first reply was lost) and answers the current fence.
+# A failed 'join'/'wait' attempt keeps its place in the queue (ZADD NX), which
+# expires WAITERS_TTL_MS after the last waiter joined.
 # Returns the new fence (an integer) when acquired, or {fence, note or nil} when
 # KEYS[4] is given, else a one-element array: {ms until it is worth trying again}
 # (-1: held without expiry).
@@ -95,10 +97,21 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   end
   return redis.call('INCR', KEYS[2])
 end
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] then
+  -- Already ours: this is a client's retry of an attempt that took the lock but
+  -- whose reply was lost (e.g. redis-py with retry_on_timeout). Same fence.
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  local fence = tonumber(redis.call('GET', KEYS[2]))
+  if KEYS[4] then
+    return {fence, redis.call('GET', KEYS[4])}
+  end
+  return fence
+end
 if ARGV[3] == 'try' then
   return {redis.call('PTTL', KEYS[1])}
 end
-if redis.call('GET', KEYS[1]) == 'next:' .. ARGV[1] then
+if value == 'next:' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
   if KEYS[4] then

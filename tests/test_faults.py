@@ -264,3 +264,57 @@ def test_stale_holder_with_deleted_key_is_told_and_fenced(redis_url: str, name: 
     assert fenced_get(client, key) == (b"new", new.fence)
     new.release()
     assert get_watchdog().tracked_count() >= 0
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_acquire_retried_by_the_client_after_a_lost_reply_is_not_stranded(
+    own_redis: RedisServer, blocking: bool
+) -> None:
+    """A client made with ``retry_on_timeout=True`` sends a command again when its reply times out.
+
+    The first ACQUIRE ran on the server, its reply came too late: the retry finds
+    the lock holding our own token. It must count as ours (same fence), not as
+    "held by someone" - which would leave a lock no object holds until its lease
+    ends, and a blocking acquirer queued behind itself.
+    """
+    proxy = ChaosProxy(own_redis.port).start()
+    try:
+        direct = redis.Redis.from_url(own_redis.url)
+        via = redis.Redis.from_url(
+            proxy.url, socket_timeout=0.5, socket_connect_timeout=0.5, retry_on_timeout=True
+        )
+        warm = DistributedLock(via, "warm-up")  # loads the scripts: the slow request must be EVALSHA
+        assert warm.acquire() and warm.release()
+        name = f"retried-{blocking}"
+        lock = DistributedLock(via, name, timeout=30, blocking_timeout=5 if blocking else None)
+        fence_before = int(direct.get(lock.keys.fence) or 0)
+        proxy.latency = 0.4  # request and reply each take 0.4 s: the reply misses the 0.5 s timeout
+
+        def speed_up_once_it_ran() -> None:
+            deadline = time.monotonic() + 10
+            while not direct.exists(lock.keys.lock) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            proxy.latency = 0  # the retry goes through at once
+
+        watcher = threading.Thread(target=speed_up_once_it_ran)
+        watcher.start()
+        started = time.monotonic()
+        acquired = lock.acquire(blocking=blocking)
+        took = time.monotonic() - started
+        watcher.join()
+        assert acquired, "the retried acquire did not see that the lock was already its own"
+        assert direct.get(lock.keys.lock) == lock.token.encode()
+        assert lock.fence == fence_before + 1 == int(direct.get(lock.keys.fence))
+        assert took < 15, took
+        assert lock.release()
+        assert not direct.exists(lock.keys.lock)
+        record(
+            f"reply lost, request retried by redis-py ({'blocking' if blocking else 'one attempt'})",
+            "client (retry_on_timeout=True, socket_timeout 0.5 s) behind a TCP proxy; 0.4 s latency "
+            "each way for the first ACQUIRE, so it runs on the server but its reply times out",
+            acquired=acquired,
+            fence_unchanged_by_retry=True,
+            acquire_took_s=round(took, 3),
+        )
+    finally:
+        proxy.stop()
