@@ -102,7 +102,7 @@ if value == ARGV[1] then
   -- Already ours: this is a client's retry of an attempt that took the lock but
   -- whose reply was lost (e.g. redis-py with retry_on_timeout). Same fence.
   redis.call('ZREM', KEYS[3], ARGV[1])
-  local fence = tonumber(redis.call('GET', KEYS[2]))
+  local fence = tonumber(redis.call('GET', KEYS[2]) or redis.call('INCR', KEYS[2]))
   if KEYS[4] then
     return {fence, redis.call('GET', KEYS[4])}
   end

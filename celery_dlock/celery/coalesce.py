@@ -5,8 +5,11 @@ runs is dropped if a worker happens to take it during that run. Queued copies
 slip through: ten identical calls sent together, one runs, and every copy a
 worker takes *after* that run ended finds the lock free and runs again. So with
 ``on_contention="skip"`` (and ``lock_skip_covered``, on by default) a call is
-also skipped when it is *covered*: it was requested before the last successful
-run with its key ended, i.e. while that call was queued or running. This is the
+also skipped when it is *covered*: the last successful run with its lock key
+was the very same call (same task, same arguments) and the call was requested
+before that run ended, i.e. while an identical call was queued or running.
+(Several tasks, or calls with different arguments, may share a lock key: those
+are never covered by each other, only skipped while the lock is held.) This is the
 rule celery-once and celery-singleton apply at publish time, applied when the
 message runs instead (so ``send_task``, beat and canvas paths are covered too,
 and a run that did not succeed covers nothing):
@@ -14,10 +17,11 @@ and a run that did not succeed covers nothing):
 * every message is stamped at publish with when it asked to run
   (:data:`REQUESTED_HEADER`: the publish time, or its ETA/countdown if later);
 * a run that ends in SUCCESS leaves a note beside its lock, written atomically
-  with its release: when it ended and its task id (:class:`RunNote`);
-* a run reads that note atomically with its acquisition; if this message's stamp
-  is not later than the last successful run's end, it is skipped (``TaskSkipped``
-  naming that run) and the lock released at once.
+  with its release: when it ended, which call it was (a digest of the task
+  name and arguments) and its task id (:class:`RunNote`);
+* a run reads that note atomically with its acquisition; if it is the same call
+  and this message's stamp is not later than that run's end, it is skipped
+  (``TaskSkipped`` naming that run) and the lock released at once.
 
 A run that fails, is retried or dies leaves no note, so its duplicates still run.
 A message without a stamp (published by a process that does not import
@@ -33,11 +37,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from celery.signals import before_task_publish
+
+from celery_dlock.celery.keys import canonical, digest
 
 #: Message header: wall-clock time (seconds since the epoch) the call asked to run.
 REQUESTED_HEADER = "dlock_requested_at"
@@ -45,13 +52,14 @@ REQUESTED_HEADER = "dlock_requested_at"
 
 @dataclass(frozen=True)
 class RunNote:
-    """What a successful run leaves beside its lock: when it ended, and its task id."""
+    """What a successful run leaves beside its lock: when it ended, which call it was, its task id."""
 
     finished_at: float
+    call: str
     task_id: str
 
     def text(self) -> str:
-        return f"{self.finished_at!r}|{self.task_id}"
+        return f"{self.finished_at!r}|{self.call}|{self.task_id}"
 
     @classmethod
     def parse(cls, text: Any) -> RunNote | None:
@@ -59,18 +67,38 @@ class RunNote:
             return None
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        finished, sep, task_id = str(text).partition("|")
+        parts = str(text).split("|", 2)
+        if len(parts) != 3:
+            return None
+        finished, call, task_id = parts
         try:
             finished_at = float(finished)
         except ValueError:
             return None
-        if not sep or not math.isfinite(finished_at):
+        if not math.isfinite(finished_at):
             return None
-        return cls(finished_at, task_id)
+        return cls(finished_at, call, task_id)
 
-    def covers(self, requested_at: float) -> bool:
-        """Whether a call requested at ``requested_at`` was requested before this run ended."""
-        return self.finished_at >= requested_at
+    def covers(self, call: str, requested_at: float) -> bool:
+        """Whether ``call`` (requested at ``requested_at``) is this run's call, requested before it ended."""
+        return call == self.call and self.finished_at >= requested_at
+
+
+def call_identity(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """A digest naming one call (task and arguments as given), or None if an argument has no stable form.
+
+    Positional and keyword spellings of the same call differ here: that only
+    means fewer calls count as identical, never that different calls do.
+    """
+    try:
+        data = {
+            "task": task_name,
+            "args": [canonical(value) for value in args],
+            "kwargs": {str(name): canonical(value) for name, value in kwargs.items()},
+        }
+    except (TypeError, ValueError):
+        return None
+    return digest(data)
 
 
 def requested_at(request: Any) -> float | None:
@@ -98,12 +126,22 @@ def _eta_seconds(eta: Any) -> float | None:
     else:
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        # A naive ETA means the app's timezone to the worker (celery.worker.request).
+        moment = moment.replace(tzinfo=_app_timezone())
     return moment.timestamp()
 
 
+def _app_timezone() -> Any:
+    try:
+        from celery import current_app
+
+        return current_app.timezone
+    except Exception:  # no usable app: Celery's own default is UTC
+        return timezone.utc
+
+
 def stamp(headers: dict[str, Any], now: float | None = None) -> None:
-    """Stamp a message about to be published (kept if it already has one: a retry is the same call)."""
+    """Stamp a message about to be published (a stamp the caller set is kept)."""
     if headers.get(REQUESTED_HEADER) is not None:
         return
     moment = time.time() if now is None else now

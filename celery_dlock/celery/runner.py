@@ -45,7 +45,7 @@ from celery.signals import task_postrun
 from redis.exceptions import RedisError
 
 from celery_dlock.celery import dedup
-from celery_dlock.celery.coalesce import RunNote, requested_at
+from celery_dlock.celery.coalesce import RunNote, call_identity, requested_at
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.errors import TaskSkipped
 from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
@@ -84,8 +84,8 @@ class ActiveRun:
     lock: TaskLock
     client: Any
     acquired_at: float
-    #: Whether the run leaves a note beside its lock when it succeeds (skip policy; see coalesce.py).
-    leaves_note: bool = False
+    #: The call a successful run notes beside its lock (skip policy; see coalesce.py), else None.
+    note_call: str | None = None
 
 
 class _BackendDown(Exception):
@@ -116,7 +116,7 @@ def run_locked(
     lock = acquisition.acquire()
     if lock is None:  # Redis unreachable and lock_on_redis_error="run"
         return body()
-    active = ActiveRun(task, config, lock, client, time.monotonic(), acquisition.notes)
+    active = ActiveRun(task, config, lock, client, time.monotonic(), acquisition.call)
     token = _current_lock.set(lock)
     if request.called_directly or nested:
         # A plain call, or a call nested in a running body: task_postrun will not
@@ -161,10 +161,12 @@ class Acquisition:
         self.name = config.key.name_for(args, kwargs)
         self.keys = LockKeys.for_name(self.name, config.prefix)
         self.started = time.monotonic()
-        # Skip policy: runs leave a note when they succeed, and a queued call that
-        # a later-started successful run covered is skipped (see coalesce.py).
+        # Skip policy: a successful run leaves a note naming its call, and a call
+        # requested while that identical call was queued or running is skipped
+        # (see coalesce.py).
         self.notes = isinstance(config.policy, Skip) and config.skip_covered
-        self.requested_at = requested_at(request) if self.notes and not self.in_process else None
+        self.call = call_identity(task.name, args, kwargs) if self.notes else None
+        self.requested_at = requested_at(request) if self.call and not self.in_process else None
 
     # -- the decision ---------------------------------------------------------------
 
@@ -200,15 +202,25 @@ class Acquisition:
 
     def _skip_if_covered(self, lock: TaskLock) -> None:
         """Skip this call if it was requested before the last successful run of its key ended."""
-        if self.requested_at is None:
+        if self.requested_at is None or self.call is None:
             return
         note = RunNote.parse(lock.note)
-        if note is None or not note.covers(self.requested_at):
+        if note is None or not note.covers(self.call, self.requested_at):
             return
         try:
             lock.release()  # no note: nothing ran
         except LockError as exc:
             logger.warning("could not release lock %r of a covered call (%s)", self.name, exc)
+        if note.task_id == self.task_id:
+            # A redelivery of a message whose run already succeeded (its ack was lost):
+            # its SUCCESS is stored; storing a skip over it would be wrong.
+            logger.info(
+                "%s[%s] already succeeded (lock %r); not running this delivery again",
+                self.task.name,
+                self.task_id,
+                self.name,
+            )
+            raise Ignore()
         self._skip(
             Owner(note.task_id, "", 0),
             reason=f"covered by task {note.task_id}, which was queued or running when this call was "
@@ -454,8 +466,8 @@ def finish_run(
         dedup.remark_queued(active.client, lock.keys, task_id, config.dedup_timeout + delay)
     fence = lock.fence
     note = None
-    if active.leaves_note and state == states.SUCCESS:
-        note = RunNote(time.time(), task_id).text()
+    if active.note_call is not None and state == states.SUCCESS:
+        note = RunNote(time.time(), active.note_call, task_id).text()
     try:
         released = lock.release(note=note)
     except LockError as exc:

@@ -58,7 +58,7 @@ class TaskLockConfig:
     dedup_on_publish: bool
     dedup_timeout: float
     prefix: str
-    #: With the skip policy: also skip a call that a successful run started after it was requested.
+    #: With the skip policy: also skip a call requested while the identical call was queued or running.
     skip_covered: bool = True
 
 

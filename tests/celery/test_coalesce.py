@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from celery_dlock.celery import TaskSkipped
-from celery_dlock.celery.coalesce import REQUESTED_HEADER, RunNote, stamp
+from celery_dlock.celery.coalesce import REQUESTED_HEADER, RunNote, call_identity, stamp
 from tests.celery.apps.common import read_records, read_started
 from tests.celery.conftest import load_app, start_worker
 from tests.celery.helpers import outcomes, wait_until
@@ -94,6 +94,19 @@ def test_a_call_due_later_is_not_covered_by_an_earlier_run(coalesce: ModuleType,
     assert [r["task_id"] for r in read_records(tag)] == [now.id, later.id]
 
 
+def test_calls_that_only_share_a_lock_key_never_cover_each_other(coalesce: ModuleType, tag: str) -> None:
+    # Two tasks on one key, queued together: the refund runs after the charge.
+    charge = coalesce.charge.delay(tag, 7)
+    refund = coalesce.refund.delay(tag, 7)
+    # One task-wide key, three different users, queued together: all three run.
+    notices = [coalesce.notify_user.delay(tag, user) for user in (1, 2, 3)]
+    values = outcomes([charge, refund, *notices], timeout=60)
+    assert all(isinstance(v, dict) for v in values), values
+    ran = read_records(tag)
+    assert sorted(r["op"] for r in ran if "op" in r) == ["charge", "refund"]
+    assert sorted(r["user"] for r in ran if "user" in r) == [1, 2, 3]
+
+
 def test_lock_skip_covered_false_runs_every_queued_duplicate(coalesce: ModuleType, tag: str) -> None:
     results = send_concurrently(coalesce.refresh_every_call, 4, tag, 0.1)
     values = outcomes(results, timeout=60)
@@ -101,15 +114,21 @@ def test_lock_skip_covered_false_runs_every_queued_duplicate(coalesce: ModuleTyp
     assert len(read_records(tag)) == 4
 
 
-def test_the_stamp_keeps_the_first_request_time_and_honours_the_eta() -> None:
+def test_the_stamp_honours_the_eta_and_notes_name_the_call() -> None:
     headers: dict[str, Any] = {}
     stamp(headers, now=1000.0)
-    stamp(headers, now=2000.0)  # a retry re-publishes the same call: keep when it was asked for
+    stamp(headers, now=2000.0)  # a stamp already set is kept
     assert headers[REQUESTED_HEADER] == 1000.0
     due_later = {"eta": "2030-01-01T00:00:00+00:00"}
     stamp(due_later, now=1000.0)
     assert due_later[REQUESTED_HEADER] == 1893456000.0
-    assert RunNote.parse(RunNote(12.5, "abc").text()) == RunNote(12.5, "abc")
-    assert RunNote.parse(b"garbage") is None and RunNote.parse("nan|x") is None
-    assert RunNote(10.0, "a").covers(9.5) and RunNote(10.0, "a").covers(10.0)
-    assert not RunNote(10.0, "a").covers(10.5)
+    note = RunNote(12.5, "c0ffee", "task|with|bars")
+    assert RunNote.parse(note.text()) == note
+    assert RunNote.parse(b"garbage") is None and RunNote.parse("nan|c|x") is None
+    assert RunNote(10.0, "c", "a").covers("c", 9.5) and RunNote(10.0, "c", "a").covers("c", 10.0)
+    assert not RunNote(10.0, "c", "a").covers("c", 10.5)
+    assert not RunNote(10.0, "c", "a").covers("other call", 9.5)
+    same = call_identity("t", (1, [2, 3]), {"x": "y"})
+    assert same == call_identity("t", [1, (2, 3)], {"x": "y"}) is not None
+    assert call_identity("t", (1,), {}) != call_identity("u", (1,), {})
+    assert call_identity("t", (object(),), {}) is None  # no stable form: never covered

@@ -30,3 +30,18 @@ def fails_first_time(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     if records().set(fail_once_key(tag), "failed", nx=True, ex=300):
         raise RuntimeError("the first run fails")
     return entry
+
+
+@app.task(base=LockedTask, bind=True, lock_timeout=5, lock_key="order:{order_id}", on_contention="skip")
+def charge(self: Any, tag: str, order_id: int) -> dict[str, Any]:
+    return run_recorded(self, tag, 0.2, {"op": "charge"})
+
+
+@app.task(base=LockedTask, bind=True, lock_timeout=5, lock_key="order:{order_id}", on_contention="skip")
+def refund(self: Any, tag: str, order_id: int) -> dict[str, Any]:
+    return run_recorded(self, tag, 0.2, {"op": "refund"})
+
+
+@app.task(base=LockedTask, bind=True, lock_timeout=5, lock_key="task", on_contention="skip")
+def notify_user(self: Any, tag: str, user: int) -> dict[str, Any]:
+    return run_recorded(self, tag, 0.1, {"user": user})
