@@ -133,6 +133,12 @@ def celery_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             os.environ[name] = value
 
 
+@pytest.fixture
+def tag() -> str:
+    """A fresh id that keeps one test's records, gates and lock keys apart from every other's."""
+    return uuid.uuid4().hex
+
+
 def load_app(module: str) -> ModuleType:
     """Import ``tests.celery.apps.<module>`` (after ``celery_env`` exported its settings)."""
     assert "DLOCK_TEST_RUN" in os.environ, "use the celery_env fixture before loading an app"

@@ -5,9 +5,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def send_concurrently(task: Any, count: int, *args: Any) -> list[Any]:
+    """``task.delay(*args)`` ``count`` times at once, from ``count`` threads; the AsyncResults."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: task.delay(*args), range(count)))
 
 
 def outcomes(results: Iterable[Any], timeout: float = 60.0) -> list[Any]:

@@ -7,9 +7,7 @@ while the lock is held" alone would run each of them again.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
@@ -19,7 +17,7 @@ from celery_dlock.celery import TaskSkipped
 from celery_dlock.celery.coalesce import REQUESTED_HEADER, RunNote, call_identity, stamp
 from tests.celery.apps.common import read_records, read_started
 from tests.celery.conftest import load_app, start_worker
-from tests.celery.helpers import outcomes, wait_until
+from tests.celery.helpers import outcomes, send_concurrently, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +28,6 @@ def coalesce(celery_env: dict[str, str]) -> Iterator[ModuleType]:
         yield module
     finally:
         worker.stop()
-
-
-@pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex
-
-
-def send_concurrently(task: Any, count: int, *args: Any) -> list[Any]:
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(lambda _: task.delay(*args), range(count)))
 
 
 def test_ten_queued_duplicates_run_once(coalesce: ModuleType, tag: str) -> None:

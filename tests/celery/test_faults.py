@@ -39,11 +39,6 @@ def faults(celery_env: dict[str, str]) -> Iterator[ModuleType]:
         worker.stop()
 
 
-@pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex
-
-
 def lock_key_of(module: ModuleType, task: Any, *args: Any) -> str:
     return LockKeys.for_name(task.lock_name_for(*args), module.app.conf.dlock_prefix).lock
 

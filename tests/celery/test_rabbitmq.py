@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -16,8 +15,7 @@ import pytest
 from celery_dlock.celery import TaskSkipped
 from tests.celery.apps.common import close_gate, open_gate, read_records, read_started
 from tests.celery.conftest import load_app, start_worker
-from tests.celery.helpers import assert_no_overlap, outcomes, wait_until
-from tests.celery.test_worker import send_concurrently
+from tests.celery.helpers import assert_no_overlap, outcomes, send_concurrently, wait_until
 
 
 def rabbitmq_listening() -> bool:
@@ -40,11 +38,6 @@ def amqp(celery_env: dict[str, str]) -> Iterator[ModuleType]:
         yield module
     finally:
         module.worker.stop()  # tests may have replaced it
-
-
-@pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex
 
 
 def test_skip_20_concurrent_sends_run_once(amqp: ModuleType, tag: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -16,8 +15,7 @@ from celery_dlock.celery import TaskSkipped
 from celery_dlock.keys import LockKeys
 from tests.celery.apps.common import close_gate, open_gate, read_records, read_started, records, run_id
 from tests.celery.conftest import load_app, start_worker
-from tests.celery.helpers import assert_no_overlap, outcomes, overlaps, wait_until
-from tests.celery.test_worker import send_concurrently
+from tests.celery.helpers import assert_no_overlap, outcomes, overlaps, send_concurrently, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +26,6 @@ def foreign(celery_env: dict[str, str]) -> Iterator[ModuleType]:
         yield module
     finally:
         worker.stop()
-
-
-@pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex
 
 
 def audited(module: ModuleType, task_name: str) -> int:

@@ -6,7 +6,6 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from types import ModuleType
 from typing import Any
@@ -19,7 +18,7 @@ from celery_dlock.celery import TaskSkipped
 from celery_dlock.keys import LockKeys
 from tests.celery.apps.common import close_gate, open_gate, read_records, read_started, records
 from tests.celery.conftest import load_app, start_worker
-from tests.celery.helpers import assert_no_overlap, outcomes, overlaps, wait_until
+from tests.celery.helpers import assert_no_overlap, outcomes, overlaps, send_concurrently, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +30,6 @@ def basic(celery_env: dict[str, str]) -> Iterator[ModuleType]:
         yield module
     finally:
         worker.stop()
-
-
-@pytest.fixture
-def tag() -> str:
-    return uuid.uuid4().hex
-
-
-def send_concurrently(task: Any, count: int, *args: Any) -> list[Any]:
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(lambda _: task.delay(*args), range(count)))
 
 
 def events(module: ModuleType, key: str) -> dict[str, int]:
