@@ -88,25 +88,25 @@ ACQUIRE = Script(
     "acquire",
     f"local waiters_ttl_ms = {WAITERS_TTL_MS}\n"
     """
+-- The reply of an acquisition: the fence, with the note beside it for locks with notes.
+local function granted(fence)
+  if KEYS[4] then
+    return {fence, redis.call('GET', KEYS[4])}
+  end
+  return fence
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == 'wait' then
     redis.call('ZREM', KEYS[3], ARGV[1])
   end
-  if KEYS[4] then
-    return {redis.call('INCR', KEYS[2]), redis.call('GET', KEYS[4])}
-  end
-  return redis.call('INCR', KEYS[2])
+  return granted(redis.call('INCR', KEYS[2]))
 end
 local value = redis.call('GET', KEYS[1])
 if value == ARGV[1] then
   -- Already ours: this is a client's retry of an attempt that took the lock but
   -- whose reply was lost (e.g. redis-py with retry_on_timeout). Same fence.
   redis.call('ZREM', KEYS[3], ARGV[1])
-  local fence = tonumber(redis.call('GET', KEYS[2]) or redis.call('INCR', KEYS[2]))
-  if KEYS[4] then
-    return {fence, redis.call('GET', KEYS[4])}
-  end
-  return fence
+  return granted(tonumber(redis.call('GET', KEYS[2]) or redis.call('INCR', KEYS[2])))
 end
 if ARGV[3] == 'try' then
   return {redis.call('PTTL', KEYS[1])}
@@ -114,10 +114,7 @@ end
 if value == 'next:' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
-  if KEYS[4] then
-    return {redis.call('INCR', KEYS[2]), redis.call('GET', KEYS[4])}
-  end
-  return redis.call('INCR', KEYS[2])
+  return granted(redis.call('INCR', KEYS[2]))
 end
 local now = redis.call('TIME')
 redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[1])
