@@ -53,32 +53,31 @@ class LockKeys:
     lease ends, so the releaser cannot barge back in.
     ``fence``: a counter incremented on every acquisition; it has no expiry, so
     fencing tokens never go backwards while the Redis dataset survives.
-    ``waiters``: sorted set of blocked acquirers' tokens, by arrival (FIFO handoff).
-    ``channel``: pub/sub channel a release publishes the chosen waiter's token on.
+    ``waiters``: sorted set of blocked acquirers, by arrival (FIFO handoff); each
+    member names the waiter's token and its process's inbox channel, where a
+    release publishes the token of the waiter it chose (:mod:`celery_dlock.inbox`).
     ``note``: what the last holder left with its release (locks with ``note_ttl``).
     """
 
     lock: str
     fence: str
     waiters: str
-    channel: str
     note: str
     # The KEYS of the acquire and release scripts, built once.
     acquire_keys: tuple[str, str, str]
-    release_keys: tuple[str, str, str]
+    release_keys: tuple[str, str]
 
     @classmethod
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
         lock = f"{prefix}{{{name}}}"
-        fence, waiters, channel = f"{lock}:fence", f"{lock}:waiters", f"{lock}:released"
+        fence, waiters = f"{lock}:fence", f"{lock}:waiters"
         return cls(
             lock=lock,
             fence=fence,
             waiters=waiters,
-            channel=channel,
             note=f"{lock}:note",
             acquire_keys=(lock, fence, waiters),
-            release_keys=(lock, waiters, channel),
+            release_keys=(lock, waiters),
         )
 
     def extension(self, name: str) -> str:

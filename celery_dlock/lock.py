@@ -8,6 +8,7 @@ scripts in :mod:`celery_dlock.scripts`). Everything that is not I/O lives in
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -19,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
+from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
     RENEWAL_DRAIN_WAIT,
@@ -28,7 +30,7 @@ from celery_dlock.lease import (
     check_extension,
     trusted_until,
 )
-from celery_dlock.notify import notifier_for
+from celery_dlock.notify import ReleaseNotifier, notifier_for, process_generation
 from celery_dlock.options import LockOptions, check_bool
 from celery_dlock.scripts import EXTEND, IS_OWNER, JOIN, RELEASE, TRY, WAIT, BoundScript, Script
 from celery_dlock.watchdog import get_watchdog
@@ -131,61 +133,80 @@ class DistributedLock(LockCore):
         super().__init__(options)
         self.redis = check_sync_client(redis)
         self._bind_scripts(self.redis)
+        self._inbox_cache: tuple[int, ReleaseNotifier, Inbox[threading.Event]] | None = None
 
     # -- acquire -------------------------------------------------------------------
 
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock; True on success.
 
-        ``blocking=False`` makes exactly one attempt. Otherwise, after a failed
-        attempt the caller subscribes to the lock's release channel, tries once
-        more (a release may have happened meanwhile), then sleeps until woken by
-        a release, the holder's lease ends, or ``retry_delay`` passes; see
+        ``blocking=False`` makes exactly one attempt. Otherwise a failed attempt
+        queues the caller, which then sleeps until the lock is handed to it (the
+        release wakes it through its process's inbox), the holder's lease ends, or
+        ``retry_delay`` passes, and tries again; see
         :class:`celery_dlock.lease.AttemptPlan` for how many attempts are made.
         """
         check_bool("blocking", blocking)
         token = self._start_attempt()
+        if not blocking or self._blocking_mode == TRY:
+            reply = self._attempt(token, TRY, None)
+            return reply.acquired or reply.give_up()
         started = time.monotonic()
-        mode = self._blocking_mode if blocking else TRY
-        reply = self._attempt(token, mode)
+        notifier, inbox = self._inbox()
+        live = inbox.live_generation  # was a handover to us sure to be delivered?
+        member = inbox.member(token)
+        reply = self._attempt(token, JOIN, member)
         if reply.acquired:
             return True
         plan = AttemptPlan(self.options, blocking, started)
-        if mode == JOIN:
-            mode = WAIT  # the failed first attempt queued us
         try:
             if not plan.may_retry(time.monotonic()):
-                return self._give_up(token, mode, reply)
-            with notifier_for(self.redis).watch(self.keys.channel, token) as handed_over:
-                reply = self._attempt(token, mode)
+                return self._give_up(member, reply)
+            with notifier.watch(inbox, token) as handed_over:
+                if live is None or inbox.live_generation != live:
+                    # Queued before this process's inbox was (still) subscribed: a
+                    # handover may already have happened unheard.
+                    reply = self._attempt(token, WAIT, member)
                 while not reply.acquired:
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
-                        return self._give_up(token, mode, reply)
+                        return self._give_up(member, reply)
                     handed_over.wait(wait)
                     handed_over.clear()
-                    reply = self._attempt(token, mode)
+                    reply = self._attempt(token, WAIT, member)
         except BaseException:
             if self._token != token:  # interrupted while waiting: leave the queue
-                self._leave_queue(token)
+                self._leave_queue(member)
             raise
         return True
 
-    def _give_up(self, token: str, mode: bytes, reply: AcquireReply) -> bool:
-        if mode != TRY:  # leave the queue, so no release hands the lock to us
-            self._leave_queue(token)
+    def _inbox(self) -> tuple[ReleaseNotifier, Inbox[threading.Event]]:
+        """This process's notifier and inbox for this lock, cached (a forked child finds its own)."""
+        generation = process_generation()
+        cached = self._inbox_cache
+        if cached is None or cached[0] != generation:
+            notifier = notifier_for(self.redis)
+            cached = self._inbox_cache = (generation, notifier, notifier.inbox(self.options.prefix))
+        return cached[1], cached[2]
+
+    def _give_up(self, member: bytes, reply: AcquireReply) -> bool:
+        self._leave_queue(member)  # so no release hands the lock to us
         return reply.give_up()
 
-    def _leave_queue(self, token: str) -> None:
+    def _leave_queue(self, member: bytes) -> None:
         try:
-            self.redis.zrem(self.keys.waiters, token)
+            self.redis.zrem(self.keys.waiters, member)
         except RedisError as exc:
             logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
 
-    def _attempt(self, token: str, mode: bytes) -> AcquireReply:
+    def _attempt(self, token: str, mode: bytes, member: bytes | None) -> AcquireReply:
+        """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY)."""
         sent_at = time.monotonic()
         try:
-            raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)
+            if member is None:
+                raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)
+            else:
+                raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode, member)
             reply = self._take_reply(raw, token, sent_at)
             if reply.acquired and self._watched:
                 get_watchdog().track(self)
@@ -193,7 +214,7 @@ class DistributedLock(LockCore):
         except BaseException as exc:
             # The script may have run even though we never saw its reply (timeout,
             # interrupt): never leave a lock behind that nobody owns.
-            self._abandon(token)
+            self._abandon(token, member)
             if not isinstance(exc, RedisError):
                 raise
             error = backend_error(self.redis, "acquire", self.name, exc)
@@ -202,9 +223,10 @@ class DistributedLock(LockCore):
             error.__cause__ = exc
             return AcquireReply(acquired=False, error=error)
 
-    def _abandon(self, token: str) -> None:
+    def _abandon(self, token: str, member: bytes | None) -> None:
         get_watchdog().untrack(self, wait=0)
-        self._leave_queue(token)
+        if member is not None:
+            self._leave_queue(member)
         try:
             run_bound(self.redis, self._release_script, token)
         except Exception as exc:

@@ -1,13 +1,14 @@
 """Waking blocked acquirers when a lock is handed to them (sync side).
 
-A release that finds waiters hands the lock to the longest one and publishes
-that waiter's token on the lock's channel (inside the release script). Every
-process keeps **one** pub/sub connection per Redis server, read by one daemon
-thread, and any number of waiters register on it by token, so a release wakes
-exactly the waiter it chose (the payload ``*`` wakes all). A waiter subscribes
-(and waits for the server to confirm) *before* its next attempt, so a handover
-that happens between a failed attempt and the wait is never missed.
+A release that finds waiters hands the lock to the longest one and publishes that
+waiter's token on the waiter's *inbox*: a channel of its process (see
+:mod:`celery_dlock.inbox`), so one handover wakes one process. Every process keeps
+**one** pub/sub connection per Redis server, read by one daemon thread; it
+subscribes to its inbox on the first wait and stays subscribed. Any number of
+waiters register on it by token.
 
+A waiter whose queueing attempt went out before the subscription was confirmed
+tries once more after the confirmation, so a handover in between is never missed.
 Expiry publishes nothing, so waiters never sleep longer than the holder's
 remaining lease (see :class:`celery_dlock.lease.AttemptPlan`).
 """
@@ -23,11 +24,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery_dlock.connection import notifier_key
+from celery_dlock.inbox import Inbox, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
 
-# How long a waiter waits for the server to confirm its SUBSCRIBE before falling
-# back to retrying on its timer alone.
+# How long a waiter waits for the server to confirm its process's first SUBSCRIBE
+# before falling back to retrying on its timer alone.
 CONFIRM_TIMEOUT = 2.0
 
 
@@ -43,42 +45,47 @@ class ReleaseNotifier:
         self._client = client
         self._pubsub: Any = None
         self._mutex = threading.Lock()
-        self._waiters: dict[str, dict[str, threading.Event]] = {}
-        self._confirmed: dict[str, threading.Event] = {}
+        self._registry: WaiterRegistry[threading.Event] = WaiterRegistry(threading.Event)
+        self._subscribed: set[str] = set()  # channels a SUBSCRIBE was sent for
         self._thread: threading.Thread | None = None
+
+    @property
+    def messages(self) -> int:
+        """Handover messages this process has read (one per handover to one of its waiters)."""
+        return self._registry.messages
+
+    def inbox(self, prefix: str) -> Inbox[threading.Event]:
+        """This process's inbox for locks under ``prefix`` (subscribed on the first :meth:`watch`)."""
+        with self._mutex:
+            return self._registry.inbox(prefix)[0]
 
     @contextmanager
     def watch(
-        self, channel: str, token: str, confirm_timeout: float = CONFIRM_TIMEOUT
+        self, inbox: Inbox[threading.Event], token: str, confirm_timeout: float = CONFIRM_TIMEOUT
     ) -> Iterator[threading.Event]:
-        """Subscribe to ``channel`` for the block; yields an Event set when ``token`` is handed the lock."""
+        """Register ``token`` for the block; yields an Event set when ``token`` is handed a lock.
+
+        Subscribes the inbox first if this is the process's first wait on it, and
+        waits (at most ``confirm_timeout``) until the subscription is live.
+        """
         wake = threading.Event()
-        subscribed = True
         with self._mutex:
-            waiters = self._waiters.setdefault(channel, {})
-            if not waiters:
-                self._confirmed[channel] = threading.Event()
+            self._registry.register(token, wake)
+            subscribed = inbox.channel in self._subscribed
+            if not subscribed:
                 try:
-                    self._subscribe(channel)
+                    self._subscribe(inbox.channel)
+                    self._subscribed.add(inbox.channel)
+                    subscribed = True
                 except Exception as exc:  # Redis down: the waiter falls back to its timer.
-                    logger.debug("subscribe to %s failed: %r", channel, exc)
-                    subscribed = False
-            confirmed = self._confirmed[channel]
-            waiters[token] = wake
+                    logger.debug("subscribe to %s failed: %r", inbox.channel, exc)
         try:
-            if subscribed:
-                confirmed.wait(confirm_timeout)
+            if subscribed and inbox.live_generation is None:
+                inbox.confirmed.wait(confirm_timeout)
             yield wake
         finally:
             with self._mutex:
-                waiters.pop(token, None)
-                if not waiters and self._waiters.get(channel) is waiters:
-                    del self._waiters[channel]
-                    del self._confirmed[channel]
-                    try:
-                        self._pubsub.unsubscribe(channel)
-                    except Exception as exc:
-                        logger.debug("unsubscribe from %s failed: %r", channel, exc)
+                self._registry.unregister(token)
 
     def _subscribe(self, channel: str) -> None:
         if self._pubsub is None:
@@ -100,43 +107,24 @@ class ReleaseNotifier:
                 # Connection lost: wake everyone so they retry (and see the error
                 # themselves); redis-py reconnects and resubscribes on the next read.
                 logger.debug("release notifier connection error: %r", exc)
-                self._wake_all(confirm=True)
+                with self._mutex:
+                    self._registry.connection_lost()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             if message is None:
                 continue
             kind = message_text(message.get("type", ""))
-            channel = message_text(message.get("channel", ""))
             with self._mutex:
-                if kind == "subscribe":
-                    confirmed = self._confirmed.get(channel)
-                    if confirmed is not None:
-                        confirmed.set()
-                elif kind == "message":
-                    self._dispatch(channel, message_text(message.get("data", "*")))
-
-    def _dispatch(self, channel: str, payload: str) -> None:
-        """Wake the waiter the lock was handed to (called with the mutex held)."""
-        waiters = self._waiters.get(channel, {})
-        chosen = waiters.get(payload)
-        if chosen is not None:
-            chosen.set()
-        elif payload == "*":
-            for wake in waiters.values():
-                wake.set()
-
-    def _wake_all(self, confirm: bool) -> None:
-        with self._mutex:
-            for channel, waiters in self._waiters.items():
-                if confirm:
-                    self._confirmed[channel].set()
-                for wake in waiters.values():
-                    wake.set()
+                if kind == "message":
+                    self._registry.handed_over(message_text(message.get("data", "")))
+                elif kind == "subscribe":
+                    self._registry.confirmed(message_text(message.get("channel", "")))
 
 
 _notifiers: dict[tuple[Any, ...], ReleaseNotifier] = {}
 _notifiers_lock = threading.Lock()
+_forks = 0  # how many times this process image was forked into a child (in that child)
 
 
 def notifier_for(client: Any) -> ReleaseNotifier:
@@ -149,9 +137,15 @@ def notifier_for(client: Any) -> ReleaseNotifier:
         return notifier
 
 
+def process_generation() -> int:
+    """Changes in a forked child, so a lock can cache its notifier and inbox safely."""
+    return _forks
+
+
 def _forget_notifiers_in_child() -> None:
     # The parent's reader threads do not exist in a forked child; start afresh.
-    global _notifiers_lock
+    global _notifiers_lock, _forks
+    _forks += 1
     _notifiers.clear()
     _notifiers_lock = threading.Lock()
 

@@ -73,7 +73,9 @@ TRY, JOIN, WAIT = b"try", b"join", b"wait"
 
 # KEYS[1] lock, KEYS[2] fence counter, KEYS[3] waiters (sorted set), KEYS[4] (only
 # for locks with notes) the note the last holder left at release;
-# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode.
+# ARGV[1] token, ARGV[2] lease in ms, ARGV[3] mode, ARGV[4] (modes 'join' and
+# 'wait') the waiter's queue member: '<length>:<inbox channel><token>' (see
+# celery_dlock.inbox), which tells a release where to send the wake-up.
 # Modes: 'try' (one attempt, never queue), 'join' (the first attempt of a blocking
 # acquire: queue on failure), 'wait' (a later attempt: already queued).
 # Takes the lock if it is free, or if a release handed it to this token
@@ -97,7 +99,7 @@ local function granted(fence)
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == 'wait' then
-    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('ZREM', KEYS[3], ARGV[4])
   end
   return granted(redis.call('INCR', KEYS[2]))
 end
@@ -105,7 +107,9 @@ local value = redis.call('GET', KEYS[1])
 if value == ARGV[1] then
   -- Already ours: this is a client's retry of an attempt that took the lock but
   -- whose reply was lost (e.g. redis-py with retry_on_timeout). Same fence.
-  redis.call('ZREM', KEYS[3], ARGV[1])
+  if ARGV[4] then
+    redis.call('ZREM', KEYS[3], ARGV[4])
+  end
   return granted(tonumber(redis.call('GET', KEYS[2]) or redis.call('INCR', KEYS[2])))
 end
 if ARGV[3] == 'try' then
@@ -113,27 +117,27 @@ if ARGV[3] == 'try' then
 end
 if value == 'next:' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[4])
   return granted(redis.call('INCR', KEYS[2]))
 end
 local now = redis.call('TIME')
-redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[1])
+redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], waiters_ttl_ms)
 return {redis.call('PTTL', KEYS[1])}
 """,
 )
 
-# KEYS[1] lock, KEYS[2] waiters, KEYS[3] channel, KEYS[4] (only for locks with
-# notes) the note; ARGV[1] token; ARGV[2] absent (the value must equal ARGV[1]),
-# 'note' (the same, and ARGV[3] is a note kept ARGV[4] ms, written only if the
-# lock was ours) or 'suffix' (the value must end with ARGV[1]: how a Celery
-# worker's main process frees the lock of a pool process that died, knowing only
-# the owner part of its token).
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] (only for locks with notes) the note;
+# ARGV[1] token; ARGV[2] absent (the value must equal ARGV[1]), 'note' (the same,
+# and ARGV[3] is a note kept ARGV[4] ms, written only if the lock was ours) or
+# 'suffix' (the value must end with ARGV[1]: how a Celery worker's main process
+# frees the lock of a pool process that died, knowing only the owner part of its
+# token).
 # Releases the lock only if it matches. If someone is waiting, hands the lock to
 # the longest waiter (the lock holds 'next:' .. its token for HANDOFF_WINDOW_MS;
-# only it may take it) and publishes that waiter's token, which wakes just that
-# waiter. Returns 1 when released, 0 when the lock was not ours (expired or taken
-# over).
+# only it may take it) and publishes that waiter's token on the waiter's inbox
+# channel (named in its queue member), which wakes just that waiter's process.
+# Returns 1 when released, 0 when the lock was not ours (expired or taken over).
 RELEASE = Script(
     "release",
     f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
@@ -151,15 +155,21 @@ if ARGV[2] == 'suffix' then
 elseif value ~= ARGV[1] then
   return 0
 elseif ARGV[2] == 'note' then
-  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 end
 local head = redis.call('ZPOPMIN', KEYS[2])
 if head[1] then
-  redis.call('SET', KEYS[1], 'next:' .. head[1], 'PX', handoff_window_ms)
-  redis.call('PUBLISH', KEYS[3], head[1])
-else
-  redis.call('DEL', KEYS[1])
+  -- '<length>:<inbox channel><token>'
+  local length, rest = string.match(head[1], '^(%d+):(.*)$')
+  if length then
+    length = tonumber(length)
+    local token = string.sub(rest, length + 1)
+    redis.call('SET', KEYS[1], 'next:' .. token, 'PX', handoff_window_ms)
+    redis.call('PUBLISH', string.sub(rest, 1, length), token)
+    return 1
+  end
 end
+redis.call('DEL', KEYS[1])
 return 1
 """,
 )

@@ -49,3 +49,12 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server this test may kill, restart or reconfigure."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def fresh_notifiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test starts with no release notifier, as a new process would (its inbox not
+    yet subscribed), and leaves the process's own notifiers alone."""
+    from celery_dlock import notify
+
+    monkeypatch.setattr(notify, "_notifiers", {})

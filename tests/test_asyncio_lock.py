@@ -19,7 +19,9 @@ from celery_dlock.asyncio import (
     distributed_lock,
     distributed_lock_decorator,
 )
+from celery_dlock.asyncio.notify import notifier_for
 from celery_dlock.asyncio.watchdog import get_watchdog
+from celery_dlock.scripts import JOIN
 from tests.support.counting import CountingAsyncRedis
 
 
@@ -130,11 +132,14 @@ def test_coroutine_waiters_share_one_subscription(redis_url: str, name: str) -> 
 
         tasks = [asyncio.ensure_future(take_and_release(lock)) for lock in locks]
         await asyncio.sleep(0.3)
-        numsub = await r.pubsub_numsub(holder.keys.channel)
-        assert numsub[0][1] == 1
+        notifier = notifier_for(r)
+        numsub = await r.pubsub_numsub(notifier.inbox(holder.options.prefix).channel)
+        assert numsub[0][1] == 1  # one subscriber, not eight
+        assert await r.zcard(holder.keys.waiters) == 8
         await holder.release()
         fences = await asyncio.wait_for(asyncio.gather(*tasks), 20)
         assert len(set(fences)) == 8
+        assert notifier.messages == 8  # one wake-up message per handover, nothing else
 
     run(redis_url, body)
 
@@ -349,6 +354,71 @@ def test_release_between_failed_attempt_and_subscribe_is_not_missed(
         waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=3)
         assert await waiter.acquire()
         await waiter.release()
+
+    run(redis_url, body)
+
+
+async def warm_up(client: redis.asyncio.Redis, name: str) -> None:
+    """One wait on ``name``, so this loop's inbox is subscribed and live."""
+    holder = DistributedLock(client, name, timeout=30)
+    await holder.acquire()
+    waiter = DistributedLock(client, name, retry_delay=20, blocking_timeout=10)
+    waiting = asyncio.ensure_future(waiter.acquire())
+    await asyncio.sleep(0.2)
+    await holder.release()
+    assert await asyncio.wait_for(waiting, 10)
+    await waiter.release()
+
+
+def test_handover_before_the_waiter_registered_is_not_missed(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body(r: redis.asyncio.Redis) -> None:
+        await warm_up(r, name)
+        notifier = notifier_for(r)
+        holder = DistributedLock(r, name, timeout=30)
+        await holder.acquire()
+        waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=30)
+        original = DistributedLock._attempt
+
+        async def attempt_then_release(
+            self: DistributedLock, token: str, mode: bytes, member: bytes | None
+        ) -> Any:
+            reply = await original(self, token, mode, member)
+            if self is waiter and mode == JOIN:
+                seen = notifier.messages
+                await holder.release()
+                deadline = time.monotonic() + 5
+                while notifier.messages == seen and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)  # the reader has the handover before the waiter registers
+            return reply
+
+        monkeypatch.setattr(DistributedLock, "_attempt", attempt_then_release)
+        started = time.monotonic()
+        assert await waiter.acquire()
+        assert time.monotonic() - started < 5  # woken by the handover, not by its 20 s timer
+        await waiter.release()
+
+    run(redis_url, body)
+
+
+def test_a_waiting_acquire_costs_two_round_trips_once_the_inbox_is_live(redis_url: str, name: str) -> None:
+    async def body(_: redis.asyncio.Redis) -> None:
+        client = CountingAsyncRedis.from_url(redis_url)
+        await warm_up(client, name)
+        holder = DistributedLock(client, name, timeout=30)
+        await holder.acquire()
+        waiter = DistributedLock(client, name, retry_delay=20, blocking_timeout=10)
+        client.round_trips = 0
+        waiting = asyncio.ensure_future(waiter.acquire())
+        await asyncio.sleep(0.3)
+        await holder.release()
+        assert await asyncio.wait_for(waiting, 10)
+        # the queueing attempt, the holder's release, the winning attempt: no SUBSCRIBE,
+        # no re-attempt after subscribing
+        assert client.round_trips == 3
+        await waiter.release()
+        await client.aclose()
 
     run(redis_url, body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -16,7 +17,8 @@ from celery_dlock import (
     LockLost,
     LockNotAcquired,
 )
-from celery_dlock.notify import ReleaseNotifier
+from celery_dlock.notify import ReleaseNotifier, notifier_for
+from celery_dlock.scripts import JOIN
 from celery_dlock.watchdog import get_watchdog
 from tests.support.counting import CountingRedis
 
@@ -154,7 +156,7 @@ def test_waiter_is_woken_by_expiry_without_release(r: redis.Redis, name: str) ->
 
 
 def test_release_between_failed_attempt_and_subscribe_is_not_missed(
-    r: redis.Redis, name: str, monkeypatch: pytest.MonkeyPatch
+    r: redis.Redis, name: str, monkeypatch: pytest.MonkeyPatch, fresh_notifiers: None
 ) -> None:
     holder = DistributedLock(r, name, timeout=30)
     holder.acquire()
@@ -167,6 +169,67 @@ def test_release_between_failed_attempt_and_subscribe_is_not_missed(
     monkeypatch.setattr(ReleaseNotifier, "_subscribe", release_first)
     waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=3)
     assert waiter.acquire()  # the attempt after subscribing sees the lock free
+    waiter.release()
+
+
+def test_handover_before_the_waiter_registered_is_not_missed(
+    r: redis.Redis, name: str, monkeypatch: pytest.MonkeyPatch, fresh_notifiers: None
+) -> None:
+    # The process's inbox is already subscribed (a first wait), so the waiter makes
+    # no extra attempt after queueing; the handover lands after its queueing attempt
+    # but before it registered its token with the notifier.
+    warm_up(r, name)
+    notifier = notifier_for(r)
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    original = DistributedLock._attempt
+
+    def attempt_then_release(self: DistributedLock, token: str, mode: bytes, member: bytes | None) -> Any:
+        reply = original(self, token, mode, member)
+        if self is waiter and mode == JOIN:
+            seen = notifier.messages
+            holder.release()
+            deadline = time.monotonic() + 5
+            while notifier.messages == seen and time.monotonic() < deadline:
+                time.sleep(0.001)  # the reader thread has the handover before the waiter registers
+        return reply
+
+    monkeypatch.setattr(DistributedLock, "_attempt", attempt_then_release)
+    waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=30)
+    started = time.monotonic()
+    assert waiter.acquire()
+    assert time.monotonic() - started < 5  # woken by the handover, not by its 20 s timer
+    waiter.release()
+
+
+def warm_up(client: redis.Redis, name: str) -> None:
+    """One wait on ``name``, so this process's inbox is subscribed and live."""
+    holder = DistributedLock(client, name, timeout=30)
+    holder.acquire()
+    waiter = DistributedLock(client, name, retry_delay=20, blocking_timeout=10)
+    releaser = threading.Timer(0.2, holder.release)
+    releaser.start()
+    assert waiter.acquire()
+    waiter.release()
+    releaser.join()
+
+
+def test_a_waiting_acquire_costs_two_round_trips_once_the_inbox_is_live(
+    name: str, redis_url: str, fresh_notifiers: None
+) -> None:
+    client = CountingRedis.from_url(redis_url)
+    warm_up(client, name)
+    holder = DistributedLock(client, name, timeout=30)
+    holder.acquire()
+    waiter = DistributedLock(client, name, retry_delay=20, blocking_timeout=10)
+    releaser = threading.Timer(0.3, holder.release)
+    client.commands = []
+    releaser.start()
+    assert waiter.acquire()
+    releaser.join()
+    # the queueing attempt, the holder's release, the winning attempt: no SUBSCRIBE,
+    # no re-attempt after subscribing
+    assert client.commands == ["EVALSHA"] * 3
     waiter.release()
 
 
@@ -202,34 +265,32 @@ def test_blocking_timeout_caps_total_wait(r: redis.Redis, name: str) -> None:
     holder.release()
 
 
-def test_waiters_share_one_subscription_connection(redis_url: str, name: str) -> None:
+def test_waiters_share_one_subscription_connection(redis_url: str, name: str, fresh_notifiers: None) -> None:
     client = redis.Redis.from_url(redis_url)
     holder = DistributedLock(client, name, timeout=30)
     holder.acquire()
-    results: list[bool] = []
-    waiters = [
-        threading.Thread(
-            target=lambda: results.append(
-                DistributedLock(client, name, blocking_timeout=20, timeout=5).acquire()
-            )
-        )
-        for _ in range(6)
-    ]
+    fences: list[int] = []
+
+    def take_and_release() -> None:
+        lock = DistributedLock(client, name, blocking_timeout=20, timeout=5)
+        assert lock.acquire()
+        assert lock.fence is not None
+        fences.append(lock.fence)
+        lock.release()
+
+    waiters = [threading.Thread(target=take_and_release) for _ in range(6)]
     for thread in waiters:
         thread.start()
     time.sleep(0.5)
-    channel = holder.keys.channel
-    assert client.pubsub_numsub(channel)[0][1] == 1  # one subscriber, not six
+    notifier = notifier_for(client)
+    inbox = notifier.inbox(holder.options.prefix)
+    assert client.pubsub_numsub(inbox.channel)[0][1] == 1  # one subscriber, not six
+    assert client.zcard(holder.keys.waiters) == 6
     holder.release()
-    # each winner keeps its lock until expiry (5 s) - release them by key instead
-    deadline = time.monotonic() + 30
-    while len(results) < 6 and time.monotonic() < deadline:
-        client.delete(holder.keys.lock)
-        client.publish(channel, "1")
-        time.sleep(0.05)
     for thread in waiters:
-        thread.join(5)
-    assert results == [True] * 6
+        thread.join(20)
+    assert len(set(fences)) == 6
+    assert notifier.messages == 6  # one wake-up message per handover, nothing else
 
 
 def test_context_manager_raises_lock_not_acquired(r: redis.Redis, name: str) -> None:
@@ -402,7 +463,7 @@ def test_all_keys_share_one_cluster_slot_and_prefix(r: redis.Redis, name: str) -
     lock = DistributedLock(r, name, prefix="myapp:locks:")
     keys = lock.keys
     assert keys.lock.startswith("myapp:locks:")
-    assert len({key_slot(k.encode()) for k in (keys.lock, keys.fence, keys.channel)}) == 1
+    assert len({key_slot(k.encode()) for k in (keys.lock, keys.fence, keys.waiters)}) == 1
     lock.acquire()
     assert r.exists(keys.lock) and r.exists(keys.fence)
     lock.release()
@@ -483,4 +544,4 @@ def test_extension_keys_share_the_hash_tag(name: str) -> None:
     keys = LockKeys.for_name(name)
     extra = keys.extension("queued")
     assert key_slot(extra.encode()) == key_slot(keys.lock.encode())
-    assert extra not in (keys.lock, keys.fence, keys.waiters, keys.channel)
+    assert extra not in (keys.lock, keys.fence, keys.waiters)

@@ -155,3 +155,38 @@ def test_waiters_are_served_in_order_not_starved_by_a_barging_releaser(
     same_holder_again = sum(1 for a, b in itertools.pairwise(busy) if a[3] == b[3])
     assert len(busy) > 100
     assert same_holder_again / (len(busy) - 1) < 0.2, f"{same_holder_again} of {len(busy) - 1} handoffs"
+
+
+def _wait_take_release(url: str, name: str, results: Any) -> None:
+    """Runs in a forked child: wait for the lock, hold it briefly, hand it on; report how
+    many wake-up messages this process read."""
+    from celery_dlock.notify import notifier_for
+
+    client = redis.Redis.from_url(url)
+    lock = DistributedLock(client, name, timeout=10, retry_delay=20, blocking_timeout=30)
+    acquired = lock.acquire()
+    time.sleep(0.05)
+    lock.release()
+    results.put((acquired, notifier_for(client).messages))
+
+
+def test_a_handover_wakes_only_the_process_it_was_handed_to(redis_url: str, name: str) -> None:
+    # With one channel per lock, every waiting process read every handover message
+    # (here 4 + 3 + 2 + 1); with one inbox per process, each reads its own only.
+    client = redis.Redis.from_url(redis_url)
+    holder = DistributedLock(client, name, timeout=30)
+    assert holder.acquire()
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    children = [ctx.Process(target=_wait_take_release, args=(redis_url, name, results)) for _ in range(4)]
+    for child in children:
+        child.start()
+    deadline = time.monotonic() + 20
+    while client.zcard(holder.keys.waiters) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.zcard(holder.keys.waiters) == 4
+    holder.release()
+    reports = [results.get(timeout=30) for _ in children]
+    for child in children:
+        child.join(10)
+    assert reports == [(True, 1)] * 4

@@ -21,6 +21,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
+from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
     RENEWAL_DRAIN_WAIT,
@@ -31,10 +32,11 @@ from celery_dlock.lease import (
     trusted_until,
 )
 from celery_dlock.lock import backend_error
+from celery_dlock.notify import process_generation
 from celery_dlock.options import LockOptions, check_bool
 from celery_dlock.scripts import EXTEND, IS_OWNER, JOIN, TRY, WAIT, BoundScript, Script
 
-from .notify import notifier_for
+from .notify import AsyncReleaseNotifier, notifier_for
 from .watchdog import get_watchdog
 
 logger = logging.getLogger("celery_dlock")
@@ -118,6 +120,9 @@ class DistributedLock(LockCore):
         super().__init__(options)
         self.redis = check_async_client(redis)
         self._bind_scripts(self.redis)
+        self._inbox_cache: (
+            tuple[asyncio.AbstractEventLoop, int, AsyncReleaseNotifier, Inbox[asyncio.Event]] | None
+        ) = None
 
     # -- acquire -------------------------------------------------------------------
 
@@ -125,57 +130,77 @@ class DistributedLock(LockCore):
         """Take the lock; True on success. Same attempts and waiting as the sync lock."""
         check_bool("blocking", blocking)
         token = self._start_attempt()
+        if not blocking or self._blocking_mode == TRY:
+            reply = await self._attempt(token, TRY, None)
+            return reply.acquired or reply.give_up()
         started = time.monotonic()
-        mode = self._blocking_mode if blocking else TRY
-        reply = await self._attempt(token, mode)
+        notifier, inbox = self._inbox()
+        live = inbox.live_generation  # was a handover to us sure to be delivered?
+        member = inbox.member(token)
+        reply = await self._attempt(token, JOIN, member)
         if reply.acquired:
             return True
         plan = AttemptPlan(self.options, blocking, started)
-        if mode == JOIN:
-            mode = WAIT  # the failed first attempt queued us
         try:
             if not plan.may_retry(time.monotonic()):
-                return await self._give_up(token, mode, reply)
-            async with notifier_for(self.redis).watch(self.keys.channel, token) as handed_over:
-                reply = await self._attempt(token, mode)
+                return await self._give_up(member, reply)
+            async with notifier.watch(inbox, token) as handed_over:
+                if live is None or inbox.live_generation != live:
+                    # Queued before this loop's inbox was (still) subscribed: a
+                    # handover may already have happened unheard.
+                    reply = await self._attempt(token, WAIT, member)
                 while not reply.acquired:
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
-                        return await self._give_up(token, mode, reply)
+                        return await self._give_up(member, reply)
                     try:
                         await asyncio.wait_for(handed_over.wait(), wait)
                     except asyncio.TimeoutError:
                         pass
                     handed_over.clear()
-                    reply = await self._attempt(token, mode)
+                    reply = await self._attempt(token, WAIT, member)
         except asyncio.CancelledError:
             if self._token != token:  # cancelled while waiting: leave the queue
-                _spawn(self._leave_queue(token))
+                _spawn(self._leave_queue(member))
             raise
         return True
 
-    async def _give_up(self, token: str, mode: bytes, reply: AcquireReply) -> bool:
-        if mode != TRY:  # leave the queue, so no release hands the lock to us
-            await self._leave_queue(token)
+    def _inbox(self) -> tuple[AsyncReleaseNotifier, Inbox[asyncio.Event]]:
+        """The running loop's notifier and inbox for this lock, cached per loop (and process)."""
+        loop = asyncio.get_running_loop()
+        generation = process_generation()
+        cached = self._inbox_cache
+        if cached is None or cached[0] is not loop or cached[1] != generation:
+            notifier = notifier_for(self.redis)
+            cached = self._inbox_cache = (loop, generation, notifier, notifier.inbox(self.options.prefix))
+        return cached[2], cached[3]
+
+    async def _give_up(self, member: bytes, reply: AcquireReply) -> bool:
+        await self._leave_queue(member)  # so no release hands the lock to us
         return reply.give_up()
 
-    async def _leave_queue(self, token: str) -> None:
+    async def _leave_queue(self, member: bytes) -> None:
         try:
-            await self.redis.zrem(self.keys.waiters, token)
+            await self.redis.zrem(self.keys.waiters, member)
         except RedisError as exc:
             logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
 
-    async def _attempt(self, token: str, mode: bytes) -> AcquireReply:
+    async def _attempt(self, token: str, mode: bytes, member: bytes | None) -> AcquireReply:
+        """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY)."""
         sent_at = time.monotonic()
-        call = _spawn(run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode))
+        if member is None:
+            run = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)
+        else:
+            run = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode, member)
+        call = _spawn(run)
         try:
             raw = await asyncio.shield(call)
         except asyncio.CancelledError:
             # The script may still run (or have run): release whatever it takes.
-            _spawn(self._abandon(token, call))
+            _spawn(self._abandon(token, member, call))
             raise
         except RedisError as exc:
-            _spawn(self._abandon(token, call))
+            _spawn(self._abandon(token, member, call))
             error = backend_error(self.redis, "acquire", self.name, exc)
             if not isinstance(error, LockBackendUnavailable):
                 raise error from exc
@@ -186,13 +211,14 @@ class DistributedLock(LockCore):
             get_watchdog().track(self)
         return reply
 
-    async def _abandon(self, token: str, call: Awaitable[Any]) -> None:
+    async def _abandon(self, token: str, member: bytes | None, call: Awaitable[Any]) -> None:
         try:
             await call
         except BaseException:
             pass
         get_watchdog().untrack_now(self)
-        await self._leave_queue(token)
+        if member is not None:
+            await self._leave_queue(member)
         try:
             await run_bound(self.redis, self._release_script, token)
         except Exception as exc:

@@ -1,9 +1,9 @@
 """Waking blocked acquirers when a lock is handed to them (asyncio side).
 
-The asyncio twin of :mod:`celery_dlock.notify`: per event loop and Redis
-server, one pub/sub connection read by one task; waiters register by token,
-so a release wakes only the waiter it handed the lock to, and subscribe (and
-wait for the server's confirmation) before their next attempt.
+The asyncio twin of :mod:`celery_dlock.notify`: per event loop and Redis server,
+one pub/sub connection read by one task, subscribed to the loop's inbox channel
+(:mod:`celery_dlock.inbox`) on its first wait and staying subscribed; waiters
+register by token, so a release wakes only the waiter it handed the lock to.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from celery_dlock.connection import notifier_key
+from celery_dlock.inbox import Inbox, WaiterRegistry
 from celery_dlock.notify import CONFIRM_TIMEOUT, message_text
 
 logger = logging.getLogger("celery_dlock")
@@ -28,44 +29,46 @@ class AsyncReleaseNotifier:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._pubsub: Any = None
-        self._waiters: dict[str, dict[str, asyncio.Event]] = {}
-        self._confirmed: dict[str, asyncio.Event] = {}
+        self._registry: WaiterRegistry[asyncio.Event] = WaiterRegistry(asyncio.Event)
+        self._subscribed: set[str] = set()  # channels a SUBSCRIBE was sent for
         self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def messages(self) -> int:
+        """Handover messages this loop has read (one per handover to one of its waiters)."""
+        return self._registry.messages
+
+    def inbox(self, prefix: str) -> Inbox[asyncio.Event]:
+        """This loop's inbox for locks under ``prefix`` (subscribed on the first :meth:`watch`)."""
+        return self._registry.inbox(prefix)[0]
 
     @contextlib.asynccontextmanager
     async def watch(
-        self, channel: str, token: str, confirm_timeout: float = CONFIRM_TIMEOUT
+        self, inbox: Inbox[asyncio.Event], token: str, confirm_timeout: float = CONFIRM_TIMEOUT
     ) -> AsyncIterator[asyncio.Event]:
-        """Subscribe to ``channel`` for the block; yields an Event set when ``token`` is handed the lock."""
+        """Register ``token`` for the block; yields an Event set when ``token`` is handed a lock.
+
+        Subscribes the inbox first if this is the loop's first wait on it, and waits
+        (at most ``confirm_timeout``) until the subscription is live.
+        """
         wake = asyncio.Event()
-        waiters = self._waiters.setdefault(channel, {})
-        first = not waiters
-        waiters[token] = wake
-        if first:
-            self._confirmed[channel] = asyncio.Event()
-        confirmed = self._confirmed[channel]
+        self._registry.register(token, wake)
         try:
-            subscribed = True
-            if first:
+            subscribed = inbox.channel in self._subscribed
+            if not subscribed:
+                self._subscribed.add(inbox.channel)  # before awaiting: one SUBSCRIBE per inbox
                 try:
-                    await self._subscribe(channel)
+                    await self._subscribe(inbox.channel)
+                    subscribed = True
                 except Exception as exc:  # Redis down: the waiter falls back to its timer.
-                    logger.debug("subscribe to %s failed: %r", channel, exc)
-                    subscribed = False
-            if subscribed:
+                    self._subscribed.discard(inbox.channel)
+                    logger.debug("subscribe to %s failed: %r", inbox.channel, exc)
+            if subscribed and inbox.live_generation is None:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(confirmed.wait(), confirm_timeout)
+                    await asyncio.wait_for(inbox.confirmed.wait(), confirm_timeout)
             yield wake
         finally:
-            waiters.pop(token, None)
-            if not waiters and self._waiters.get(channel) is waiters:
-                del self._waiters[channel]
-                del self._confirmed[channel]
-                if self._pubsub is not None:
-                    try:
-                        await self._pubsub.unsubscribe(channel)
-                    except Exception as exc:
-                        logger.debug("unsubscribe from %s failed: %r", channel, exc)
+            self._registry.unregister(token)
 
     async def _subscribe(self, channel: str) -> None:
         if self._pubsub is None:
@@ -84,30 +87,17 @@ class AsyncReleaseNotifier:
                 raise
             except Exception as exc:
                 logger.debug("release notifier connection error: %r", exc)
-                for channel, waiters in self._waiters.items():
-                    self._confirmed[channel].set()
-                    for wake in waiters.values():
-                        wake.set()
+                self._registry.connection_lost()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             if message is None:
                 continue
             kind = message_text(message.get("type", ""))
-            channel = message_text(message.get("channel", ""))
-            if kind == "subscribe":
-                confirmed = self._confirmed.get(channel)
-                if confirmed is not None:
-                    confirmed.set()
-            elif kind == "message":
-                waiters = self._waiters.get(channel, {})
-                payload = message_text(message.get("data", "*"))
-                chosen = waiters.get(payload)
-                if chosen is not None:
-                    chosen.set()
-                elif payload == "*":
-                    for wake in waiters.values():
-                        wake.set()
+            if kind == "message":
+                self._registry.handed_over(message_text(message.get("data", "")))
+            elif kind == "subscribe":
+                self._registry.confirmed(message_text(message.get("channel", "")))
 
 
 _notifiers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncReleaseNotifier]]

@@ -1,0 +1,143 @@
+"""Where a release sends its wake-up: one inbox channel per process (per event loop).
+
+A blocked acquirer queues under a *member* that names its process's inbox channel
+as well as its own token (``<length>:<channel><token>``). The release that hands
+the lock to the longest waiter publishes that waiter's token on that channel only,
+so a handover wakes exactly one process. With one channel per *lock*, every process
+with a waiter on the lock was woken to read a message meant for another (at 8
+processes, 7 wake-ups per handover, which is what made handovers slow on 2 cores).
+
+A process subscribes to its inbox on its first wait and stays subscribed, so later
+waits cost no SUBSCRIBE, no confirmation and no extra attempt. Inboxes are per key
+prefix (``<prefix>inbox:<id>``), so a Redis ACL that grants ``&<prefix>*`` covers them.
+
+This module holds everything about inboxes that is not I/O: names, the member
+encoding, which waiter a message wakes, and whether the subscription was live when a
+waiter queued. :mod:`celery_dlock.notify` (a reader thread) and
+:mod:`celery_dlock.asyncio.notify` (a reader task) do the I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+INBOX_ID_BYTES = 8  # 64 random bits: unique among the processes sharing a server
+
+# A handover whose waiter had not registered yet (its queueing attempt was still
+# being answered) is kept this long, for that waiter to find when it registers.
+UNCLAIMED_KEEP = 5.0
+UNCLAIMED_MAX = 1024
+
+
+class Wakeable(Protocol):
+    def set(self) -> None: ...
+
+
+W = TypeVar("W", bound=Wakeable)
+
+
+def inbox_channel(prefix: str, inbox_id: str) -> str:
+    """The pub/sub channel on which releases wake the waiters of one process."""
+    return f"{prefix}inbox:{inbox_id}"
+
+
+def member_prefix(channel: str) -> bytes:
+    """The start of every waiters-queue member of an inbox: ``<byte length>:<channel>``.
+
+    The token follows it; the release script splits the two by the length, so
+    neither a channel nor a token needs a reserved separator.
+    """
+    encoded = channel.encode()
+    return b"%d:%s" % (len(encoded), encoded)
+
+
+class Inbox(Generic[W]):
+    """One inbox channel: its name, its member prefix, and the state of its subscription."""
+
+    def __init__(self, channel: str, confirmed: W) -> None:
+        self.channel = channel
+        self.member_prefix = member_prefix(channel)
+        # Set by the reader when the server confirms the subscription; reset on
+        # connection loss (the driver's event type: threading or asyncio).
+        self.confirmed = confirmed
+        # The registry's connection generation when confirmed; None until then, and
+        # after a connection loss until the reader has subscribed again. A waiter
+        # reads it before its queueing attempt: if the same generation is still live
+        # afterwards, any handover to it after that attempt is delivered.
+        self.live_generation: int | None = None
+
+    def member(self, token: str) -> bytes:
+        """The waiters-queue member of ``token`` queued through this inbox."""
+        return self.member_prefix + token.encode()
+
+
+class WaiterRegistry(Generic[W]):
+    """The inboxes of one notifier and the waiters registered on them, by token.
+
+    No I/O and no locking: the sync notifier calls it under its mutex, the asyncio
+    one from its event loop. Tokens are random, so one flat table serves every lock.
+    """
+
+    def __init__(self, make_event: Callable[[], W]) -> None:
+        self.inbox_id = os.urandom(INBOX_ID_BYTES).hex()
+        self.inboxes: dict[str, Inbox[W]] = {}  # by channel
+        self._make_event = make_event
+        self._waiters: dict[str, W] = {}
+        self._unclaimed: OrderedDict[str, float] = OrderedDict()
+        # Bumped on every connection loss: a subscription confirmed in an older
+        # generation may have missed messages.
+        self.generation = 0
+        self.messages = 0  # handover messages read (tests check one per handover)
+
+    def inbox(self, prefix: str) -> tuple[Inbox[W], bool]:
+        """The inbox for keys under ``prefix``; True when it is new (not subscribed yet)."""
+        channel = inbox_channel(prefix, self.inbox_id)
+        inbox = self.inboxes.get(channel)
+        if inbox is not None:
+            return inbox, False
+        inbox = self.inboxes[channel] = Inbox(channel, self._make_event())
+        return inbox, True
+
+    def register(self, token: str, wake: W) -> None:
+        """Wake ``wake`` when ``token`` is handed a lock (at once, if that already happened)."""
+        self._waiters[token] = wake
+        if self._unclaimed.pop(token, None) is not None:
+            wake.set()
+
+    def unregister(self, token: str) -> None:
+        self._waiters.pop(token, None)
+
+    def confirmed(self, channel: str) -> None:
+        """The server confirmed the subscription to ``channel``."""
+        inbox = self.inboxes.get(channel)
+        if inbox is not None:
+            inbox.live_generation = self.generation
+            inbox.confirmed.set()
+
+    def handed_over(self, token: str) -> None:
+        """A release handed a lock to ``token``: wake its waiter, or keep the news for it."""
+        self.messages += 1
+        wake = self._waiters.get(token)
+        if wake is not None:
+            wake.set()
+            return
+        now = time.monotonic()
+        self._unclaimed[token] = now
+        while self._unclaimed:
+            oldest_token, received = next(iter(self._unclaimed.items()))
+            if len(self._unclaimed) <= UNCLAIMED_MAX and now - received <= UNCLAIMED_KEEP:
+                break
+            del self._unclaimed[oldest_token]
+
+    def connection_lost(self) -> None:
+        """Messages may have been lost: no subscription counts as live until confirmed
+        again, and every waiter wakes to look for itself (tries again)."""
+        self.generation += 1
+        for inbox in self.inboxes.values():
+            inbox.live_generation = None
+        for wake in self._waiters.values():
+            wake.set()
