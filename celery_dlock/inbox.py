@@ -23,6 +23,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 INBOX_ID_BYTES = 8  # 64 random bits: unique among the processes sharing a server
@@ -38,6 +39,36 @@ class Wakeable(Protocol):
 
 
 W = TypeVar("W", bound=Wakeable)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What a release told a waiter it handed the lock to: the new fence, and the
+    score of the queue entry it popped (the waiter's queued attempts report it)."""
+
+    fence: int
+    score: str
+
+
+def parse_handover(payload: str) -> tuple[str, Handover | None]:
+    """The token and handover of a message ``'<fence>:<score>:<token>'`` (the RELEASE script's)."""
+    fence, _, rest = payload.partition(":")
+    score, _, token = rest.partition(":")
+    if not token or not fence.isdigit():
+        return payload, None  # not ours to read: wake the token, without a handover
+    return token, Handover(int(fence), score)
+
+
+class Waiter(Generic[W]):
+    """One blocked acquirer: its wake-up, and the handover that woke it (if any)."""
+
+    def __init__(self, wake: W) -> None:
+        self.wake = wake
+        self.handover: Handover | None = None
+
+    def take_handover(self) -> Handover | None:
+        handover, self.handover = self.handover, None
+        return handover
 
 
 def inbox_channel(prefix: str, inbox_id: str) -> str:
@@ -86,8 +117,9 @@ class WaiterRegistry(Generic[W]):
         self.inbox_id = os.urandom(INBOX_ID_BYTES).hex()
         self.inboxes: dict[str, Inbox[W]] = {}  # by channel
         self._make_event = make_event
-        self._waiters: dict[str, W] = {}
-        self._unclaimed: OrderedDict[str, float] = OrderedDict()
+        self._waiters: dict[str, Waiter[W]] = {}
+        # token -> (when it arrived, the handover)
+        self._unclaimed: OrderedDict[str, tuple[float, Handover | None]] = OrderedDict()
         # Bumped on every connection loss: a subscription confirmed in an older
         # generation may have missed messages.
         self.generation = 0
@@ -102,11 +134,13 @@ class WaiterRegistry(Generic[W]):
         inbox = self.inboxes[channel] = Inbox(channel, self._make_event())
         return inbox, True
 
-    def register(self, token: str, wake: W) -> None:
-        """Wake ``wake`` when ``token`` is handed a lock (at once, if that already happened)."""
-        self._waiters[token] = wake
-        if self._unclaimed.pop(token, None) is not None:
-            wake.set()
+    def register(self, token: str, waiter: Waiter[W]) -> None:
+        """Wake ``waiter`` when ``token`` is handed a lock (at once, if that already happened)."""
+        self._waiters[token] = waiter
+        unclaimed = self._unclaimed.pop(token, None)
+        if unclaimed is not None:
+            waiter.handover = unclaimed[1]
+            waiter.wake.set()
 
     def unregister(self, token: str) -> None:
         self._waiters.pop(token, None)
@@ -118,17 +152,19 @@ class WaiterRegistry(Generic[W]):
             inbox.live_generation = self.generation
             inbox.confirmed.set()
 
-    def handed_over(self, token: str) -> None:
-        """A release handed a lock to ``token``: wake its waiter, or keep the news for it."""
+    def handed_over(self, payload: str) -> None:
+        """A release handed a lock to a token of ours: wake its waiter, or keep the news for it."""
         self.messages += 1
-        wake = self._waiters.get(token)
-        if wake is not None:
-            wake.set()
+        token, handover = parse_handover(payload)
+        waiter = self._waiters.get(token)
+        if waiter is not None:
+            waiter.handover = handover
+            waiter.wake.set()
             return
         now = time.monotonic()
-        self._unclaimed[token] = now
+        self._unclaimed[token] = (now, handover)
         while self._unclaimed:
-            oldest_token, received = next(iter(self._unclaimed.items()))
+            oldest_token, (received, _) = next(iter(self._unclaimed.items()))
             if len(self._unclaimed) <= UNCLAIMED_MAX and now - received <= UNCLAIMED_KEEP:
                 break
             del self._unclaimed[oldest_token]
@@ -139,5 +175,5 @@ class WaiterRegistry(Generic[W]):
         self.generation += 1
         for inbox in self.inboxes.values():
             inbox.live_generation = None
-        for wake in self._waiters.values():
-            wake.set()
+        for waiter in self._waiters.values():
+            waiter.wake.set()

@@ -47,10 +47,10 @@ def check_prefix(prefix: object) -> str:
 class LockKeys:
     """The Redis names that belong to one lock.
 
-    ``lock``: the lease itself (value = owner token, server-side PX expiry). Right
-    after a release that found waiters it briefly holds ``next:<token>`` instead:
-    the lock is handed to that waiter, and only it may take it until that short
-    lease ends, so the releaser cannot barge back in.
+    ``lock``: the lease itself (value = owner token, server-side PX expiry). A
+    release that finds waiters writes the longest waiter's token with a short lease
+    instead of deleting the key: the lock is handed to that waiter, so the releaser
+    cannot barge back in (see :data:`celery_dlock.scripts.HANDOFF_WINDOW_MS`).
     ``fence``: a counter incremented on every acquisition; it has no expiry, so
     fencing tokens never go backwards while the Redis dataset survives.
     ``waiters``: sorted set of blocked acquirers, by arrival (FIFO handoff); each
@@ -65,7 +65,7 @@ class LockKeys:
     note: str
     # The KEYS of the acquire and release scripts, built once.
     acquire_keys: tuple[str, str, str]
-    release_keys: tuple[str, str]
+    release_keys: tuple[str, str, str]
 
     @classmethod
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
@@ -77,7 +77,7 @@ class LockKeys:
             waiters=waiters,
             note=f"{lock}:note",
             acquire_keys=(lock, fence, waiters),
-            release_keys=(lock, waiters),
+            release_keys=(lock, waiters, fence),
         )
 
     def extension(self, name: str) -> str:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_dlock.errors import LockError, LockLost
+from celery_dlock.inbox import Handover
 from celery_dlock.keys import LockKeys
 from celery_dlock.options import LockOptions, check_seconds, to_millis
-from celery_dlock.scripts import ACQUIRE, JOIN, RELEASE, TRY, BoundScript
+from celery_dlock.scripts import ACQUIRE, HANDOFF_WINDOW_MS, JOIN, RELEASE, TRY, BoundScript
 
 logger = logging.getLogger("celery_dlock")
 
@@ -59,6 +60,9 @@ class AcquireReply:
     acquired: bool
     remaining_ms: int | None = None  # lease left on the other holder's lock; -1: no expiry
     error: LockError | None = None  # Redis unreachable: a blocking waiter keeps trying
+    # A queued attempt: the score of the waiter's queue entry, and when the attempt
+    # was sent. A handover naming that score happened after that moment.
+    queued: tuple[str, float] | None = None
 
     def give_up(self) -> bool:
         """What acquire returns when no attempt is left: False, or the last error raised."""
@@ -156,9 +160,12 @@ class LockCore:
         self._lost_reason = ""
         self._lost_notified = False
         self._trusted_until = 0.0
-        # Whether the watchdog knows this lock (auto_renewal or on_lost): only then
-        # does release have to stop its renewal first.
+        # Whether the watchdog watches every acquisition of this lock (auto_renewal
+        # or on_lost); _tracked: whether it watches the current one (also true for
+        # an adopted handover, whose short lease it lengthens), so release must stop
+        # its renewal first.
         self._watched = self.options.auto_renewal or self.options.on_lost is not None
+        self._tracked = False
 
     # -- public, cheap, no round trip ---------------------------------------------
 
@@ -265,7 +272,34 @@ class LockCore:
             note = reply[1]
             self._note = note.decode("utf-8", "replace") if isinstance(note, bytes) else note
             return ACQUIRED
+        if len(reply) == 3:  # {ms, 'queued', score}
+            score = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            return AcquireReply(acquired=False, remaining_ms=int(reply[0]), queued=(score, sent_at))
         return AcquireReply(acquired=False, remaining_ms=int(reply[0]))
+
+    def _adopt(self, token: str, handover: Handover | None, queued: tuple[str, float] | None) -> float | None:
+        """Take a lock a release handed to ``token`` as it is, without a round trip.
+
+        The release made us the holder with a lease of HANDOFF_WINDOW_MS, starting
+        after our last queued attempt that saw the same queue score was sent (an
+        attempt that ran after the handover would have found the lock ours, not
+        queued us). So that send time is a safe start for the lease. Adopted only if
+        at least half of that short lease is left and the lock keeps no notes (the
+        note comes with an attempt); otherwise the caller confirms with an attempt.
+        Returns when the watchdog should lengthen the lease, or None if not adopted.
+        """
+        if handover is None or queued is None or handover.score != queued[0]:
+            return None
+        if self.options.note_ttl is not None:
+            return None
+        until = trusted_until(queued[1], HANDOFF_WINDOW_MS)
+        now = time.monotonic()
+        if until - now < HANDOFF_WINDOW_MS / 2000:
+            return None
+        self._acquired(token, handover.fence, queued[1])
+        self._trusted_until = until
+        # Lengthen the lease half-way through what is left of it, unless released first.
+        return now + (until - now) / 2
 
     def _acquired(self, token: str, fence: int, sent_at: float) -> None:
         self._token = token
@@ -327,6 +361,7 @@ class LockCore:
             self._forget()
 
     def _forget(self) -> None:
+        self._tracked = False
         self._token = None
         self._fence = None
         self._trusted_until = 0.0

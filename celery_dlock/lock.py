@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
-from celery_dlock.inbox import Inbox
+from celery_dlock.inbox import Handover, Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
     RENEWAL_DRAIN_WAIT,
@@ -161,22 +161,26 @@ class DistributedLock(LockCore):
         plan = AttemptPlan(self.options, blocking, started)
         try:
             if not plan.may_retry(time.monotonic()):
-                return self._give_up(member, reply)
-            with notifier.watch(inbox, token) as handed_over:
+                return self._give_up(token, member, reply)
+            with notifier.watch(inbox, token) as waiter:
+                queued = reply.queued
                 if live is None or inbox.live_generation != live:
                     # Queued before this process's inbox was (still) subscribed: a
                     # handover may already have happened unheard.
                     reply = self._attempt(token, WAIT, member)
                 while not reply.acquired:
+                    queued = reply.queued or queued
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
-                        return self._give_up(member, reply)
-                    handed_over.wait(wait)
-                    handed_over.clear()
+                        return self._give_up(token, member, reply)
+                    waiter.wake.wait(wait)
+                    waiter.wake.clear()
+                    if self._adopted(token, waiter.take_handover(), queued):
+                        return True
                     reply = self._attempt(token, WAIT, member)
         except BaseException:
             if self._token != token:  # interrupted while waiting: leave the queue
-                self._leave_queue(member)
+                self._abandon(token, member)  # (and free the lock if it was just handed to us)
             raise
         return True
 
@@ -189,8 +193,19 @@ class DistributedLock(LockCore):
             cached = self._inbox_cache = (generation, notifier, notifier.inbox(self.options.prefix))
         return cached[1], cached[2]
 
-    def _give_up(self, member: bytes, reply: AcquireReply) -> bool:
-        self._leave_queue(member)  # so no release hands the lock to us
+    def _adopted(self, token: str, handover: Handover | None, queued: tuple[str, float] | None) -> bool:
+        """Whether a handover made us the holder with no further round trip (see LockCore._adopt)."""
+        lengthen_at = self._adopt(token, handover, queued)
+        if lengthen_at is None:
+            return False
+        self._tracked = True
+        get_watchdog().track(self, lengthen_at)
+        return True
+
+    def _give_up(self, token: str, member: bytes, reply: AcquireReply) -> bool:
+        # Leave the queue, so no release hands the lock to us, and free the lock if
+        # one just did.
+        self._abandon(token, member)
         return reply.give_up()
 
     def _leave_queue(self, member: bytes) -> None:
@@ -209,6 +224,7 @@ class DistributedLock(LockCore):
                 raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode, member)
             reply = self._take_reply(raw, token, sent_at)
             if reply.acquired and self._watched:
+                self._tracked = True
                 get_watchdog().track(self)
             return reply
         except BaseException as exc:
@@ -251,7 +267,7 @@ class DistributedLock(LockCore):
         if token is None:
             return False
         args = self._release_args(token, note)
-        if self._watched:
+        if self._tracked:
             get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
             released = bool(run_bound(self.redis, self._release_script, *args))

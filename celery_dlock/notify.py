@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.inbox import Inbox, WaiterRegistry
+from celery_dlock.inbox import Inbox, Waiter, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
 
@@ -62,15 +62,16 @@ class ReleaseNotifier:
     @contextmanager
     def watch(
         self, inbox: Inbox[threading.Event], token: str, confirm_timeout: float = CONFIRM_TIMEOUT
-    ) -> Iterator[threading.Event]:
-        """Register ``token`` for the block; yields an Event set when ``token`` is handed a lock.
+    ) -> Iterator[Waiter[threading.Event]]:
+        """Register ``token`` for the block; yields its :class:`~celery_dlock.inbox.Waiter`,
+        woken when ``token`` is handed a lock.
 
         Subscribes the inbox first if this is the process's first wait on it, and
         waits (at most ``confirm_timeout``) until the subscription is live.
         """
-        wake = threading.Event()
+        waiter = Waiter(threading.Event())
         with self._mutex:
-            self._registry.register(token, wake)
+            self._registry.register(token, waiter)
             subscribed = inbox.channel in self._subscribed
             if not subscribed:
                 try:
@@ -82,7 +83,7 @@ class ReleaseNotifier:
         try:
             if subscribed and inbox.live_generation is None:
                 inbox.confirmed.wait(confirm_timeout)
-            yield wake
+            yield waiter
         finally:
             with self._mutex:
                 self._registry.unregister(token)

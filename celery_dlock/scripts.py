@@ -57,8 +57,11 @@ class BoundScript:
         object.__setattr__(self, "eval", ("EVAL", self.script.source, numkeys, *keys))
 
 
-# After a release hands the lock to the longest waiter, only that waiter may take
-# it for this long; if it does not (it died, or is very slow to wake), anyone may.
+# A release that finds waiters makes the longest one the holder, with a lease of
+# this long: the waiter either adopts the lock as it is (and its watchdog lengthens
+# the lease to the waiter's own timeout unless it releases first) or confirms it
+# with an attempt, which sets its full lease. A waiter that died in the queue thus
+# keeps the lock from everyone for this long at most.
 HANDOFF_WINDOW_MS = 250
 # The waiters queue of a lock expires this long after the last waiter joined.
 WAITERS_TTL_MS = 10 * 60 * 1000
@@ -78,14 +81,17 @@ TRY, JOIN, WAIT = b"try", b"join", b"wait"
 # celery_dlock.inbox), which tells a release where to send the wake-up.
 # Modes: 'try' (one attempt, never queue), 'join' (the first attempt of a blocking
 # acquire: queue on failure), 'wait' (a later attempt: already queued).
-# Takes the lock if it is free, or if a release handed it to this token
-# ('next:' .. token); a lock that already holds this token is this attempt's own
-# (a retried request whose first reply was lost) and answers the current fence.
+# Takes the lock if it is free. A lock that already holds this token is this
+# attempt's own: a release handed it over (see RELEASE), or this is a client's
+# retry of an attempt whose reply was lost; either way the attempt answers the
+# current fence and sets the full lease (from now: later than the attempt was sent).
 # A failed 'join'/'wait' attempt keeps its place in the queue (ZADD NX), which
 # expires WAITERS_TTL_MS after the last waiter joined.
 # Returns the new fence (an integer) when acquired, or {fence, note or nil} when
-# KEYS[4] is given, else a one-element array: {ms until it is worth trying again}
-# (-1: held without expiry).
+# KEYS[4] is given. Otherwise {ms until it is worth trying again} (-1: held
+# without expiry), and for a queued attempt {ms, 'queued', the member's score}:
+# a handover names that score, so the waiter knows the handover came after this
+# attempt was sent.
 ACQUIRE = Script(
     "acquire",
     f"local waiters_ttl_ms = {WAITERS_TTL_MS}\n"
@@ -103,10 +109,9 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   end
   return granted(redis.call('INCR', KEYS[2]))
 end
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] then
-  -- Already ours: this is a client's retry of an attempt that took the lock but
-  -- whose reply was lost (e.g. redis-py with retry_on_timeout). Same fence.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  -- Already ours: handed over by a release, or a retried request (see above).
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   if ARGV[4] then
     redis.call('ZREM', KEYS[3], ARGV[4])
   end
@@ -115,29 +120,25 @@ end
 if ARGV[3] == 'try' then
   return {redis.call('PTTL', KEYS[1])}
 end
-if value == 'next:' .. ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('ZREM', KEYS[3], ARGV[4])
-  return granted(redis.call('INCR', KEYS[2]))
-end
 local now = redis.call('TIME')
 redis.call('ZADD', KEYS[3], 'NX', now[1] * 1000000 + now[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], waiters_ttl_ms)
-return {redis.call('PTTL', KEYS[1])}
+return {redis.call('PTTL', KEYS[1]), 'queued', redis.call('ZSCORE', KEYS[3], ARGV[4])}
 """,
 )
 
-# KEYS[1] lock, KEYS[2] waiters, KEYS[3] (only for locks with notes) the note;
-# ARGV[1] token; ARGV[2] absent (the value must equal ARGV[1]), 'note' (the same,
-# and ARGV[3] is a note kept ARGV[4] ms, written only if the lock was ours) or
-# 'suffix' (the value must end with ARGV[1]: how a Celery worker's main process
-# frees the lock of a pool process that died, knowing only the owner part of its
-# token).
-# Releases the lock only if it matches. If someone is waiting, hands the lock to
-# the longest waiter (the lock holds 'next:' .. its token for HANDOFF_WINDOW_MS;
-# only it may take it) and publishes that waiter's token on the waiter's inbox
-# channel (named in its queue member), which wakes just that waiter's process.
-# Returns 1 when released, 0 when the lock was not ours (expired or taken over).
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] fence counter, KEYS[4] (only for locks
+# with notes) the note; ARGV[1] token; ARGV[2] absent (the value must equal
+# ARGV[1]), 'note' (the same, and ARGV[3] is a note kept ARGV[4] ms, written only
+# if the lock was ours) or 'suffix' (the value must end with ARGV[1]: how a Celery
+# worker's main process frees the lock of a pool process that died, knowing only
+# the owner part of its token).
+# Releases the lock only if it matches. If someone is waiting, hands the lock over:
+# the longest waiter becomes the holder (with a new fence, for HANDOFF_WINDOW_MS)
+# and '<fence>:<score>:<token>' is published on its inbox channel (named in its
+# queue member), which wakes just that waiter's process; the score is the one its
+# queued attempt saw. Returns 1 when released, 0 when the lock was not ours
+# (expired or taken over).
 RELEASE = Script(
     "release",
     f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
@@ -148,14 +149,13 @@ if not value then
 end
 if ARGV[2] == 'suffix' then
   local n = string.len(ARGV[1])
-  if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1]
-      or string.sub(value, 1, 5) == 'next:' then
+  if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1] then
     return 0
   end
 elseif value ~= ARGV[1] then
   return 0
 elseif ARGV[2] == 'note' then
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
 end
 local head = redis.call('ZPOPMIN', KEYS[2])
 if head[1] then
@@ -164,8 +164,9 @@ if head[1] then
   if length then
     length = tonumber(length)
     local token = string.sub(rest, length + 1)
-    redis.call('SET', KEYS[1], 'next:' .. token, 'PX', handoff_window_ms)
-    redis.call('PUBLISH', string.sub(rest, 1, length), token)
+    redis.call('SET', KEYS[1], token, 'PX', handoff_window_ms)
+    local fence = redis.call('INCR', KEYS[3])
+    redis.call('PUBLISH', string.sub(rest, 1, length), fence .. ':' .. head[2] .. ':' .. token)
     return 1
   end
 end

@@ -64,9 +64,9 @@ class RenewalWatchdog:
         #: How many times the thread woke up to plan (observability, and tests).
         self.wakeups = 0
 
-    def track(self, lock: LockCore) -> None:
+    def track(self, lock: LockCore, lengthen_at: float | None = None) -> None:
         with self._cond:
-            due = self._schedule.track(lock, time.monotonic())
+            due = self._schedule.track(lock, time.monotonic(), lengthen_at)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="celery-dlock-watchdog", daemon=True)
                 self._thread.start()

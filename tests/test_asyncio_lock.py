@@ -21,7 +21,7 @@ from celery_dlock.asyncio import (
 )
 from celery_dlock.asyncio.notify import notifier_for
 from celery_dlock.asyncio.watchdog import get_watchdog
-from celery_dlock.scripts import JOIN
+from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN
 from tests.support.counting import CountingAsyncRedis
 
 
@@ -418,6 +418,35 @@ def test_a_waiting_acquire_costs_two_round_trips_once_the_inbox_is_live(redis_ur
         # no re-attempt after subscribing
         assert client.round_trips == 3
         await waiter.release()
+        await client.aclose()
+
+    run(redis_url, body)
+
+
+def test_a_prompt_handover_is_adopted_without_a_round_trip(redis_url: str, name: str) -> None:
+    async def body(_: redis.asyncio.Redis) -> None:
+        client = CountingAsyncRedis.from_url(redis_url)
+        await warm_up(client, name)
+        holder = DistributedLock(client, name, timeout=30)
+        await holder.acquire()
+        waiter = DistributedLock(client, name, timeout=5, retry_delay=20, blocking_timeout=10)
+        waiting = asyncio.ensure_future(waiter.acquire())
+        await asyncio.sleep(0)  # let it send its queued attempt
+        deadline = time.monotonic() + 10
+        while await client.zcard(holder.keys.waiters) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        client.round_trips = 0
+        await holder.release()
+        assert await asyncio.wait_for(waiting, 10)
+        adopted_at = time.monotonic()
+        assert client.round_trips == 1  # the release: the waiter took the lock with no request
+        pttl = await client.pttl(waiter.keys.lock)
+        assert 0 < pttl <= HANDOFF_WINDOW_MS
+        assert waiter.trusted_until - adopted_at <= pttl / 1000
+        await asyncio.sleep(HANDOFF_WINDOW_MS / 1000 + 0.2)
+        assert await waiter.is_locked_by_me() and not waiter.lost
+        assert await client.pttl(waiter.keys.lock) > 3000  # lengthened by the watchdog
+        assert await waiter.release()
         await client.aclose()
 
     run(redis_url, body)

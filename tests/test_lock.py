@@ -18,7 +18,8 @@ from celery_dlock import (
     LockNotAcquired,
 )
 from celery_dlock.notify import ReleaseNotifier, notifier_for
-from celery_dlock.scripts import JOIN
+from celery_dlock.inbox import inbox_channel, member_prefix
+from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN
 from celery_dlock.watchdog import get_watchdog
 from tests.support.counting import CountingRedis
 
@@ -545,3 +546,66 @@ def test_extension_keys_share_the_hash_tag(name: str) -> None:
     extra = keys.extension("queued")
     assert key_slot(extra.encode()) == key_slot(keys.lock.encode())
     assert extra not in (keys.lock, keys.fence, keys.waiters)
+
+
+# -- handover ------------------------------------------------------------------------
+
+
+def release_once_queued(client: redis.Redis, holder: DistributedLock, count: int = 1) -> threading.Thread:
+    """Release ``holder`` as soon as ``count`` waiters are queued behind it."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 10
+        while client.zcard(holder.keys.waiters) < count and time.monotonic() < deadline:
+            time.sleep(0.001)
+        holder.release()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_prompt_handover_is_adopted_without_a_round_trip(
+    name: str, redis_url: str, fresh_notifiers: None
+) -> None:
+    client = CountingRedis.from_url(redis_url)
+    warm_up(client, name)
+    holder = DistributedLock(client, name, timeout=30)
+    holder.acquire()
+    waiter = DistributedLock(client, name, timeout=5, retry_delay=20, blocking_timeout=10)
+    client.commands = []
+    releaser = release_once_queued(client, holder)
+    assert waiter.acquire()
+    adopted_at = time.monotonic()
+    releaser.join()
+    # the queued attempt and the release (ZCARD: the test's own polling)
+    assert [c for c in client.commands if c != "ZCARD"] == ["EVALSHA", "EVALSHA"]
+    # Handed over with the short handoff lease, which the waiter trusts no longer than it lasts.
+    pttl = client.pttl(waiter.keys.lock)
+    assert 0 < pttl <= HANDOFF_WINDOW_MS
+    assert waiter.trusted_until - adopted_at <= pttl / 1000
+    # Held past that short lease: the watchdog has lengthened it to the waiter's timeout.
+    time.sleep(HANDOFF_WINDOW_MS / 1000 + 0.2)
+    assert waiter.is_locked_by_me() and not waiter.lost
+    assert client.pttl(waiter.keys.lock) > 3000
+    assert waiter.trusted_until - time.monotonic() > 3
+    assert waiter.release()
+    assert not client.exists(waiter.keys.lock)
+
+
+def test_a_waiter_that_died_in_the_queue_holds_up_the_lock_at_most_the_handoff_window(
+    r: redis.Redis, name: str
+) -> None:
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    # A waiter whose process is gone: queued first, on an inbox nobody reads.
+    dead = member_prefix(inbox_channel("dlock:", "0" * 16)) + b"dead-token"
+    r.zadd(holder.keys.waiters, {dead: 1})
+    waiter = DistributedLock(r, name, retry_delay=0.05, blocking_timeout=10)
+    releaser = release_once_queued(r, holder, count=2)
+    started = time.monotonic()
+    assert waiter.acquire()
+    waited = time.monotonic() - started
+    releaser.join()
+    assert waited < HANDOFF_WINDOW_MS / 1000 + 2
+    assert waiter.release()

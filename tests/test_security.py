@@ -16,14 +16,14 @@ from celery_dlock.embedded import RedisServer, free_port
 pytestmark = pytest.mark.slow
 
 # What a lock client needs: the scripts (and every command they call inside), the
-# release channel, EXISTS for is_locked_by_anyone, HMGET for fenced_get.
+# inbox channels, EXISTS for is_locked_by_anyone, HMGET for fenced_get.
 LOCK_USER_RULES = [
     "on", ">locker-password",
     "~dlock:*", "resetchannels", "&dlock:*",
     "+ping", "+hello", "+exists",
     "+evalsha", "+eval", "+script|load",
     "+set", "+get", "+del", "+incr", "+pttl", "+pexpire", "+publish", "+time",
-    "+zadd", "+zrem", "+zpopmin",
+    "+zadd", "+zrem", "+zpopmin", "+zscore",
     "+subscribe", "+unsubscribe",
 ]  # fmt: skip
 
@@ -60,7 +60,7 @@ def test_acl_user_limited_to_the_lock_prefix(secured_redis: RedisServer) -> None
     import threading
 
     threading.Timer(0.3, holder.release).start()
-    assert waiter.acquire()  # the release channel is allowed too
+    assert waiter.acquire()  # the inbox channel is allowed too
     assert waiter.release()
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.get("not-a-lock-key")  # the user really is confined

@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
-from celery_dlock.inbox import Inbox
+from celery_dlock.inbox import Handover, Inbox
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
     RENEWAL_DRAIN_WAIT,
@@ -143,25 +143,29 @@ class DistributedLock(LockCore):
         plan = AttemptPlan(self.options, blocking, started)
         try:
             if not plan.may_retry(time.monotonic()):
-                return await self._give_up(member, reply)
-            async with notifier.watch(inbox, token) as handed_over:
+                return await self._give_up(token, member, reply)
+            async with notifier.watch(inbox, token) as waiter:
+                queued = reply.queued
                 if live is None or inbox.live_generation != live:
                     # Queued before this loop's inbox was (still) subscribed: a
                     # handover may already have happened unheard.
                     reply = await self._attempt(token, WAIT, member)
                 while not reply.acquired:
+                    queued = reply.queued or queued
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
-                        return await self._give_up(member, reply)
+                        return await self._give_up(token, member, reply)
                     try:
-                        await asyncio.wait_for(handed_over.wait(), wait)
+                        await asyncio.wait_for(waiter.wake.wait(), wait)
                     except asyncio.TimeoutError:
                         pass
-                    handed_over.clear()
+                    waiter.wake.clear()
+                    if self._adopted(token, waiter.take_handover(), queued):
+                        return True
                     reply = await self._attempt(token, WAIT, member)
         except asyncio.CancelledError:
             if self._token != token:  # cancelled while waiting: leave the queue
-                _spawn(self._leave_queue(member))
+                _spawn(self._abandon(token, member))  # (and free the lock if it was just handed to us)
             raise
         return True
 
@@ -175,8 +179,19 @@ class DistributedLock(LockCore):
             cached = self._inbox_cache = (loop, generation, notifier, notifier.inbox(self.options.prefix))
         return cached[2], cached[3]
 
-    async def _give_up(self, member: bytes, reply: AcquireReply) -> bool:
-        await self._leave_queue(member)  # so no release hands the lock to us
+    def _adopted(self, token: str, handover: Handover | None, queued: tuple[str, float] | None) -> bool:
+        """Whether a handover made us the holder with no further round trip (see LockCore._adopt)."""
+        lengthen_at = self._adopt(token, handover, queued)
+        if lengthen_at is None:
+            return False
+        self._tracked = True
+        get_watchdog().track(self, lengthen_at)
+        return True
+
+    async def _give_up(self, token: str, member: bytes, reply: AcquireReply) -> bool:
+        # Leave the queue, so no release hands the lock to us, and free the lock if
+        # one just did.
+        await self._abandon(token, member)
         return reply.give_up()
 
     async def _leave_queue(self, member: bytes) -> None:
@@ -208,14 +223,16 @@ class DistributedLock(LockCore):
             return AcquireReply(acquired=False, error=error)
         reply = self._take_reply(raw, token, sent_at)
         if reply.acquired and self._watched:
+            self._tracked = True
             get_watchdog().track(self)
         return reply
 
-    async def _abandon(self, token: str, member: bytes | None, call: Awaitable[Any]) -> None:
-        try:
-            await call
-        except BaseException:
-            pass
+    async def _abandon(self, token: str, member: bytes | None, call: Awaitable[Any] | None = None) -> None:
+        if call is not None:
+            try:
+                await call
+            except BaseException:
+                pass
         get_watchdog().untrack_now(self)
         if member is not None:
             await self._leave_queue(member)
@@ -237,7 +254,7 @@ class DistributedLock(LockCore):
         if token is None:
             return False
         args = self._release_args(token, note)
-        if self._watched:
+        if self._tracked:
             await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         call = _spawn(run_bound(self.redis, self._release_script, *args))
         try:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.inbox import Inbox, WaiterRegistry
+from celery_dlock.inbox import Inbox, Waiter, WaiterRegistry
 from celery_dlock.notify import CONFIRM_TIMEOUT, message_text
 
 logger = logging.getLogger("celery_dlock")
@@ -45,14 +45,15 @@ class AsyncReleaseNotifier:
     @contextlib.asynccontextmanager
     async def watch(
         self, inbox: Inbox[asyncio.Event], token: str, confirm_timeout: float = CONFIRM_TIMEOUT
-    ) -> AsyncIterator[asyncio.Event]:
-        """Register ``token`` for the block; yields an Event set when ``token`` is handed a lock.
+    ) -> AsyncIterator[Waiter[asyncio.Event]]:
+        """Register ``token`` for the block; yields its :class:`~celery_dlock.inbox.Waiter`,
+        woken when ``token`` is handed a lock.
 
         Subscribes the inbox first if this is the loop's first wait on it, and waits
         (at most ``confirm_timeout``) until the subscription is live.
         """
-        wake = asyncio.Event()
-        self._registry.register(token, wake)
+        waiter = Waiter(asyncio.Event())
+        self._registry.register(token, waiter)
         try:
             subscribed = inbox.channel in self._subscribed
             if not subscribed:
@@ -66,7 +67,7 @@ class AsyncReleaseNotifier:
             if subscribed and inbox.live_generation is None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(inbox.confirmed.wait(), confirm_timeout)
-            yield wake
+            yield waiter
         finally:
             self._registry.unregister(token)
 
