@@ -17,8 +17,8 @@ from celery_dlock import (
     LockLost,
     LockNotAcquired,
 )
-from celery_dlock.notify import ReleaseNotifier, notifier_for
 from celery_dlock.inbox import inbox_channel, member_prefix
+from celery_dlock.notify import ReleaseNotifier, notifier_for
 from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN
 from celery_dlock.watchdog import get_watchdog
 from tests.support.counting import CountingRedis
