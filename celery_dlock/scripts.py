@@ -137,8 +137,9 @@ return {redis.call('PTTL', KEYS[1]), 'queued', redis.call('ZSCORE', KEYS[3], ARG
 # the longest waiter becomes the holder (with a new fence, for HANDOFF_WINDOW_MS)
 # and '<fence>:<score>:<token>' is published on its inbox channel (named in its
 # queue member), which wakes just that waiter's process; the score is the one its
-# queued attempt saw. Returns 1 when released, 0 when the lock was not ours
-# (expired or taken over).
+# queued attempt saw. A queued member of the releasing token itself (left by a
+# retried request) is dropped, never handed the lock. Returns 1 when released, 0
+# when the lock was not ours (expired or taken over).
 RELEASE = Script(
     "release",
     f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
@@ -157,17 +158,24 @@ elseif value ~= ARGV[1] then
 elseif ARGV[2] == 'note' then
   redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
 end
-local head = redis.call('ZPOPMIN', KEYS[2])
-if head[1] then
+while true do
+  local head = redis.call('ZPOPMIN', KEYS[2])
+  if not head[1] then
+    break
+  end
   -- '<length>:<inbox channel><token>'
   local length, rest = string.match(head[1], '^(%d+):(.*)$')
   if length then
     length = tonumber(length)
     local token = string.sub(rest, length + 1)
-    redis.call('SET', KEYS[1], token, 'PX', handoff_window_ms)
-    local fence = redis.call('INCR', KEYS[3])
-    redis.call('PUBLISH', string.sub(rest, 1, length), fence .. ':' .. head[2] .. ':' .. token)
-    return 1
+    -- The releaser's own token is no waiter (a retried request queued it after its
+    -- first execution took the lock): drop it, like a malformed member.
+    if token ~= value then
+      redis.call('SET', KEYS[1], token, 'PX', handoff_window_ms)
+      local fence = redis.call('INCR', KEYS[3])
+      redis.call('PUBLISH', string.sub(rest, 1, length), fence .. ':' .. head[2] .. ':' .. token)
+      return 1
+    end
   end
 end
 redis.call('DEL', KEYS[1])

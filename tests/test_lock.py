@@ -609,3 +609,18 @@ def test_a_waiter_that_died_in_the_queue_holds_up_the_lock_at_most_the_handoff_w
     releaser.join()
     assert waited < HANDOFF_WINDOW_MS / 1000 + 2
     assert waiter.release()
+
+
+def test_a_release_never_hands_the_lock_to_the_releasers_own_stale_queue_entry(
+    r: redis.Redis, name: str
+) -> None:
+    # A retried 'join' request can leave the holder's own token queued after its first
+    # execution took the lock; releasing must free the lock, not hand it to itself.
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    assert holder.token is not None
+    own = member_prefix(inbox_channel("dlock:", "0" * 16)) + holder.token.encode()
+    r.zadd(holder.keys.waiters, {own: 1})
+    assert holder.release()
+    assert not r.exists(holder.keys.lock)
+    assert r.zcard(holder.keys.waiters) == 0
