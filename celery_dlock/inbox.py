@@ -146,11 +146,19 @@ class WaiterRegistry(Generic[W]):
         self._waiters.pop(token, None)
 
     def confirmed(self, channel: str) -> None:
-        """The server confirmed the subscription to ``channel``."""
+        """The server confirmed the subscription to ``channel``.
+
+        Each inbox is subscribed once; a second confirmation means the client
+        reconnected and resubscribed by itself (redis-py retries a dropped pub/sub
+        connection without raising), so handovers may have been lost in between.
+        """
         inbox = self.inboxes.get(channel)
-        if inbox is not None:
-            inbox.live_generation = self.generation
-            inbox.confirmed.set()
+        if inbox is None:
+            return
+        if inbox.live_generation is not None:
+            self.connection_lost()
+        inbox.live_generation = self.generation
+        inbox.confirmed.set()
 
     def handed_over(self, payload: str) -> None:
         """A release handed a lock to a token of ours: wake its waiter, or keep the news for it."""

@@ -169,7 +169,13 @@ class DistributedLock(LockCore):
                     # handover may already have happened unheard.
                     reply = self._attempt(token, WAIT, member)
                 while not reply.acquired:
-                    queued = reply.queued or queued
+                    if reply.error is not None:
+                        # The failed attempt abandoned (left the queue, freed a lock handed
+                        # to us): no handover before it may be adopted.
+                        queued = None
+                        waiter.take_handover()
+                    else:
+                        queued = reply.queued or queued
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
                         return self._give_up(token, member, reply)

@@ -138,14 +138,16 @@ class RenewalSchedule:
         """Apply a batch's replies (or its error); returns the locks newly found lost."""
         lost: list[LockCore] = []
         self._busy_clients.discard(batch.client_id)
-        for index, (lock, _token) in enumerate(batch.locks):
+        for index, (lock, token) in enumerate(batch.locks):
             self._in_flight.discard(id(lock))
             entry = self._entries.get(id(lock))
-            if entry is None or entry.lock is not lock:
-                continue  # released while the renewal was on the wire
+            if entry is None or entry.lock is not lock or lock.token != token:
+                continue  # released (and maybe acquired again) while the renewal was on the wire
             reply: Any = error if error is not None or replies is None else replies[index]
             if isinstance(reply, BaseException) or reply is None:
-                entry.next_renewal = now + min(RETRY_AFTER_ERROR, lock.options.renewal_interval)
+                # Try again soon, and before the lease we trust runs out.
+                retry = min(RETRY_AFTER_ERROR, lock.options.renewal_interval, (lock.trusted_until - now) / 2)
+                entry.next_renewal = now + max(0.0, retry)
                 continue
             lease_ms = int(reply)
             if lease_ms < 0:

@@ -104,7 +104,8 @@ local function granted(fence)
   return fence
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] == 'wait' then
+  if ARGV[4] then
+    -- 'wait': we were queued; 'join': a retried request may have queued us already.
     redis.call('ZREM', KEYS[3], ARGV[4])
   end
   return granted(redis.call('INCR', KEYS[2]))

@@ -21,7 +21,7 @@ from celery_dlock.asyncio import (
 )
 from celery_dlock.asyncio.notify import notifier_for
 from celery_dlock.asyncio.watchdog import get_watchdog
-from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN
+from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN, WAIT
 from tests.support.counting import CountingAsyncRedis
 
 
@@ -446,6 +446,39 @@ def test_a_prompt_handover_is_adopted_without_a_round_trip(redis_url: str, name:
         await asyncio.sleep(HANDOFF_WINDOW_MS / 1000 + 0.2)
         assert await waiter.is_locked_by_me() and not waiter.lost
         assert await client.pttl(waiter.keys.lock) > 3000  # lengthened by the watchdog
+        assert await waiter.release()
+        await client.aclose()
+
+    run(redis_url, body)
+
+
+def test_a_handover_received_before_a_failed_attempt_is_never_adopted(redis_url: str, name: str) -> None:
+    # As the sync test: the attempt fails just after a release handed the lock over; its
+    # clean-up frees that lock, and must be over before the next attempt, which must
+    # then take the lock itself rather than adopt the earlier handover.
+    async def body(r: redis.asyncio.Redis) -> None:
+        holder = DistributedLock(r, name, timeout=10)
+        assert await holder.acquire()
+
+        class BlippingRedis(redis.asyncio.Redis):
+            blipped = False
+
+            async def execute_command(self, *args: Any, **options: Any) -> Any:
+                if not BlippingRedis.blipped and args[0] == "EVALSHA" and WAIT in args:
+                    BlippingRedis.blipped = True
+                    await holder.release()
+                    await asyncio.sleep(0.05)  # the notifier reads the handover meanwhile
+                    raise redis.ConnectionError("simulated: the reply was lost")
+                return await super().execute_command(*args, **options)
+
+        client = BlippingRedis.from_url(redis_url)
+        waiter = DistributedLock(client, name, timeout=10, retry_delay=0.2, blocking_timeout=5)
+        assert await waiter.acquire()
+        await asyncio.sleep(0.1)  # any clean-up still running in the background would be done
+        assert BlippingRedis.blipped
+        assert waiter.token is not None and await waiter.is_locked_by_me()
+        other = DistributedLock(r, name, timeout=10)
+        assert not await other.acquire(blocking=False)
         assert await waiter.release()
         await client.aclose()
 

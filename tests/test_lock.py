@@ -19,7 +19,7 @@ from celery_dlock import (
 )
 from celery_dlock.inbox import inbox_channel, member_prefix
 from celery_dlock.notify import ReleaseNotifier, notifier_for
-from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN
+from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN, WAIT
 from celery_dlock.watchdog import get_watchdog
 from tests.support.counting import CountingRedis
 
@@ -624,3 +624,84 @@ def test_a_release_never_hands_the_lock_to_the_releasers_own_stale_queue_entry(
     assert holder.release()
     assert not r.exists(holder.keys.lock)
     assert r.zcard(holder.keys.waiters) == 0
+
+
+def test_a_handover_received_before_a_failed_attempt_is_never_adopted(
+    redis_url: str, name: str, fresh_notifiers: None
+) -> None:
+    # The waiter's attempt fails with a connection error just after a release handed it
+    # the lock (and the notifier read the handover). The failed attempt's clean-up frees
+    # that lock, so adopting the earlier handover would make two holders.
+    holder = DistributedLock(redis.Redis.from_url(redis_url), name, timeout=10)
+    assert holder.acquire()
+
+    class BlippingRedis(redis.Redis):
+        blipped = False
+
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            if not BlippingRedis.blipped and args[0] == "EVALSHA" and WAIT in args:
+                BlippingRedis.blipped = True
+                holder.release()  # hands the lock to the waiter, publishes the handover
+                time.sleep(0.05)  # the notifier thread reads it meanwhile
+                raise redis.ConnectionError("simulated: the reply was lost")
+            return super().execute_command(*args, **options)
+
+    waiter = DistributedLock(
+        BlippingRedis.from_url(redis_url), name, timeout=10, retry_delay=0.2, blocking_timeout=5
+    )
+    assert waiter.acquire()
+    assert BlippingRedis.blipped
+    assert waiter.is_locked_by_me()
+    other = DistributedLock(redis.Redis.from_url(redis_url), name, timeout=10)
+    assert not other.acquire(blocking=False)
+    assert waiter.release()
+
+
+def test_a_handover_during_a_silent_reconnect_of_the_inbox_wakes_the_waiter(
+    redis_url: str, name: str, fresh_notifiers: None
+) -> None:
+    # redis-py (with its default retries, no socket timeout) reconnects and resubscribes
+    # a dropped pub/sub connection by itself, raising nothing; a handover published while
+    # it was down is lost, so the resubscription must wake the waiters to look again.
+    r = redis.Redis.from_url(redis_url)
+    warm_up(r, name)
+    notifier = notifier_for(r)
+    local_port = notifier._pubsub.connection._sock.getsockname()[1]
+    inbox_client = next(c for c in r.client_list(_type="pubsub") if c["addr"].endswith(f":{local_port}"))
+    holder = DistributedLock(r, name, timeout=10)
+    assert holder.acquire()
+    waiter = DistributedLock(r, name, timeout=10, retry_delay=5, blocking_timeout=10)
+    took: list[float] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        assert waiter.acquire()
+        took.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while r.zcard(holder.keys.waiters) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert holder.token is not None
+    pipe = r.pipeline(transaction=True)  # drop the inbox connection and release at once
+    pipe.execute_command("CLIENT", "KILL", "ID", inbox_client["id"])
+    pipe.execute_command(*holder._release_script.evalsha, holder.token)
+    pipe.execute()
+    thread.join(10)
+    assert took and took[0] < 2.5  # not its 5 s retry_delay
+    assert waiter.release()
+
+
+def test_a_retried_queueing_attempt_that_took_the_lock_leaves_no_queue_entry(
+    r: redis.Redis, name: str, monkeypatch: pytest.MonkeyPatch, fresh_notifiers: None
+) -> None:
+    # As if the first execution of this 'join' request had queued the waiter and its
+    # reply was lost; the re-sent request finds the lock free and takes it.
+    waiter = DistributedLock(r, name, timeout=10, blocking_timeout=5)
+    monkeypatch.setattr(waiter, "make_token", lambda: "retried-token")
+    member = notifier_for(r).inbox(waiter.options.prefix).member("retried-token")
+    r.zadd(waiter.keys.waiters, {member: 1})
+    assert waiter.acquire()
+    assert r.zcard(waiter.keys.waiters) == 0
+    assert waiter.release()

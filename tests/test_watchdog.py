@@ -72,3 +72,26 @@ def test_async_acquisitions_do_not_wake_a_sleeping_watchdog(redis_url: str, name
     woken, renewed = asyncio.run(main())
     assert woken <= 2, f"100 acquisitions woke the asyncio watchdog {woken} times"
     assert renewed, "a lock due sooner than the sleeping watchdog's wake-up was not renewed"
+
+
+def test_a_renewal_reply_for_an_earlier_acquisition_is_ignored(r: redis.Redis, name: str) -> None:
+    # A renewal planned for one acquisition can come back after the lock object was
+    # released and acquired again; its reply says nothing about the new acquisition.
+    from celery_dlock.schedule import RenewalSchedule
+
+    lock = DistributedLock(r, name, timeout=3, auto_renewal=True)
+    schedule = RenewalSchedule()
+    assert lock.acquire()
+    schedule.track(lock, time.monotonic())
+    plan = schedule.plan(time.monotonic() + lock.options.renewal_interval + 0.01)
+    assert plan.batches, "the renewal is due"
+    schedule.untrack(lock)
+    assert lock.release()
+    assert lock.acquire()
+    schedule.track(lock, time.monotonic())
+    trusted = lock.trusted_until
+    now = time.monotonic()
+    lost = schedule.complete(plan.batches[0], [-1], None, now, now)  # "not ours any more"
+    assert lost == [] and not lock.lost
+    assert lock.trusted_until == trusted
+    assert lock.release()

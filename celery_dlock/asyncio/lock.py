@@ -151,7 +151,13 @@ class DistributedLock(LockCore):
                     # handover may already have happened unheard.
                     reply = await self._attempt(token, WAIT, member)
                 while not reply.acquired:
-                    queued = reply.queued or queued
+                    if reply.error is not None:
+                        # The failed attempt abandoned (left the queue, freed a lock handed
+                        # to us): no handover before it may be adopted.
+                        queued = None
+                        waiter.take_handover()
+                    else:
+                        queued = reply.queued or queued
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
                         return await self._give_up(token, member, reply)
@@ -215,7 +221,9 @@ class DistributedLock(LockCore):
             _spawn(self._abandon(token, member, call))
             raise
         except RedisError as exc:
-            _spawn(self._abandon(token, member, call))
+            # Awaited, not spawned: this acquire goes on with the same token, so the
+            # clean-up must be over before its next attempt.
+            await self._abandon(token, member, call)
             error = backend_error(self.redis, "acquire", self.name, exc)
             if not isinstance(error, LockBackendUnavailable):
                 raise error from exc
