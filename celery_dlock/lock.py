@@ -71,7 +71,9 @@ def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:
 
     For a supervisor that knows only the owner part of a token (see
     :meth:`DistributedLock.make_token`), e.g. a Celery worker's main process
-    freeing the lock of a pool process that was killed. The suffix is not a
+    freeing the lock of a pool process that was killed. Queue entries of that
+    owner (it died waiting) are removed too, whether or not it held the lock, so
+    no later release hands the lock to it. The suffix is not a
     secret the way the random part is: only use it where it identifies exactly
     one acquisition.
     """

@@ -133,7 +133,7 @@ return {redis.call('PTTL', KEYS[1]), 'queued', redis.call('ZSCORE', KEYS[3], ARG
 # ARGV[1]), 'note' (the same, and ARGV[3] is a note kept ARGV[4] ms, written only
 # if the lock was ours) or 'suffix' (the value must end with ARGV[1]: how a Celery
 # worker's main process frees the lock of a pool process that died, knowing only
-# the owner part of its token).
+# the owner part of its token; queued members of that owner are removed as well).
 # Releases the lock only if it matches. If someone is waiting, hands the lock over:
 # the longest waiter becomes the holder (with a new fence, for HANDOFF_WINDOW_MS)
 # and '<fence>:<score>:<token>' is published on its inbox channel (named in its
@@ -145,6 +145,15 @@ RELEASE = Script(
     "release",
     f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
     """
+if ARGV[2] == 'suffix' then
+  -- The owner is gone: it waits in no queue either (else a release would hand it the lock).
+  local n = string.len(ARGV[1])
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if string.sub(member, -n) == ARGV[1] then
+      redis.call('ZREM', KEYS[2], member)
+    end
+  end
+end
 local value = redis.call('GET', KEYS[1])
 if not value then
   return 0

@@ -705,3 +705,20 @@ def test_a_retried_queueing_attempt_that_took_the_lock_leaves_no_queue_entry(
     assert waiter.acquire()
     assert r.zcard(waiter.keys.waiters) == 0
     assert waiter.release()
+
+
+def test_release_by_suffix_also_removes_that_owners_queue_entries(r: redis.Redis, name: str) -> None:
+    # A Celery pool process killed while *waiting* for the lock: the worker's main
+    # process frees it by suffix, which must also take it out of the queue, or a later
+    # release would hand the lock to it.
+    from celery_dlock.lock import release_by_token_suffix
+
+    holder = DistributedLock(r, name, timeout=30)
+    holder.acquire()
+    dead = member_prefix(inbox_channel("dlock:", "0" * 16)) + b"0123abcd|worker-9"
+    alive = member_prefix(inbox_channel("dlock:", "1" * 16)) + b"4567abcd|worker-10"
+    r.zadd(holder.keys.waiters, {dead: 1, alive: 2})
+    assert release_by_token_suffix(r, holder.keys, "|worker-9") is False  # the lock is not its
+    assert r.zrange(holder.keys.waiters, 0, -1) == [alive]
+    assert holder.is_locked_by_me()
+    assert holder.release()

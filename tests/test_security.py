@@ -23,7 +23,7 @@ LOCK_USER_RULES = [
     "+ping", "+hello", "+exists",
     "+evalsha", "+eval", "+script|load",
     "+set", "+get", "+del", "+incr", "+pttl", "+pexpire", "+publish", "+time",
-    "+zadd", "+zrem", "+zpopmin", "+zscore",
+    "+zadd", "+zrem", "+zpopmin", "+zscore", "+zrange",
     "+subscribe", "+unsubscribe",
 ]  # fmt: skip
 
