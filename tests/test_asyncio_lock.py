@@ -481,6 +481,14 @@ def test_a_handover_received_before_a_failed_attempt_is_never_adopted(redis_url:
         assert not await other.acquire(blocking=False)
         assert await waiter.release()
         await client.aclose()
+        await r.aclose()
+        # The loop's notifier, whose clients are now closed, still ends when cancelled
+        # (as asyncio.run does at shutdown; this used to hang there).
+        reader = notifier_for(client)._reader
+        assert reader is not None
+        reader.cancel()
+        done, _ = await asyncio.wait({reader}, timeout=3)
+        assert done
 
     run(redis_url, body)
 

@@ -81,8 +81,19 @@ class AsyncReleaseNotifier:
     async def _read_forever(self) -> None:
         backoff = 0.05
         while True:
+            # Each read runs in a task of its own that this one waits for without
+            # passing a cancellation on to it: redis-py can turn a cancellation that
+            # races its read timeout into an ordinary timeout, which would keep this
+            # loop (and the event loop's shutdown) going. The read ends by itself
+            # within its 1 s timeout.
+            read = asyncio.ensure_future(self._pubsub.get_message(timeout=1.0))
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                await asyncio.wait({read})
+            except asyncio.CancelledError:
+                read.cancel()
+                raise
+            try:
+                message = read.result()
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
