@@ -145,7 +145,8 @@ class DistributedLock(LockCore):
             if not plan.may_retry(time.monotonic()):
                 return await self._give_up(token, member, reply)
             async with notifier.watch(inbox, token) as waiter:
-                queued = reply.queued
+                # (score, send time) of our latest queued attempt: what a handover is checked against
+                queued: tuple[str, float] | None = None
                 if live is None or inbox.live_generation != live:
                     # Queued before this loop's inbox was (still) subscribed: a
                     # handover may already have happened unheard.
