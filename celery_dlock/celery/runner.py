@@ -86,6 +86,10 @@ class ActiveRun:
     acquired_at: float
     #: The call a successful run notes beside its lock (skip policy; see coalesce.py), else None.
     note_call: str | None = None
+    #: Wall-clock time the body returned: the run's end for covered calls. Its result is
+    #: stored (and the lock released) later, so a caller that saw the result and sends
+    #: the call again is never covered by this run.
+    body_ended_at: float | None = None
 
 
 class _BackendDown(Exception):
@@ -127,6 +131,7 @@ def run_locked(
             _current_lock.reset(token)
             finish_run(active)
             raise
+        active.body_ended_at = time.time()
         _current_lock.reset(token)
         finish_run(active, state=states.SUCCESS)
         return result
@@ -134,6 +139,7 @@ def run_locked(
     try:
         return body()
     finally:
+        active.body_ended_at = time.time()
         _current_lock.reset(token)
 
 
@@ -467,7 +473,8 @@ def finish_run(
     fence = lock.fence
     note = None
     if active.note_call is not None and state == states.SUCCESS:
-        note = RunNote(time.time(), active.note_call, task_id).text()
+        ended = active.body_ended_at if active.body_ended_at is not None else time.time()
+        note = RunNote(ended, active.note_call, task_id).text()
     try:
         released = lock.release(note=note)
     except LockError as exc:
