@@ -236,10 +236,21 @@ class LockCore:
     def _bind_scripts(self, client: Any) -> None:
         """Bind the acquire and release scripts to this lock's KEYS, encoded as ``client`` encodes keys."""
         get_encoder = getattr(client, "get_encoder", None)
-        encode = get_encoder().encode if get_encoder is not None else None
         note_key = (self.keys.note,) if self.options.note_ttl is not None else ()
-        self._acquire_script = ACQUIRE.bind(self.keys.acquire_keys + note_key, encode)
-        self._release_script = RELEASE.bind(self.keys.release_keys + note_key, encode)
+        acquire_keys = self.keys.acquire_keys + note_key
+        # Both scripts use the same keys (in another order): encode each once.
+        encoded: dict[str, str | bytes] = {key: key for key in acquire_keys}
+        if get_encoder is not None:
+            # redis-py's Encoder turns a str into bytes with its encoding (what
+            # encoder.encode does after its type checks, which cost more than this).
+            encoder = get_encoder()
+            encoding, errors = getattr(encoder, "encoding", None), getattr(encoder, "encoding_errors", None)
+            if isinstance(encoding, str) and isinstance(errors, str):
+                encoded = {key: key.encode(encoding, errors) for key in acquire_keys}
+            else:
+                encoded = {key: encoder.encode(key) for key in acquire_keys}
+        self._acquire_script = ACQUIRE.bind([encoded[key] for key in acquire_keys])
+        self._release_script = RELEASE.bind([encoded[key] for key in self.keys.release_keys + note_key])
 
     def make_token(self) -> str:
         """The owner token for a new acquisition: 128 random bits, hex.

@@ -18,6 +18,7 @@ from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from celery_dlock.channel import script_channel
 from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Handover, Inbox
@@ -40,18 +41,26 @@ logger = logging.getLogger("celery_dlock")
 
 def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
     """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
+    execute = _executor(client)
     try:
-        return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return execute("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
-        return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        return execute("EVAL", script.source, len(keys), *keys, *args)
 
 
 def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:
     """:func:`run_script` for a script bound to its KEYS (the hot path: nothing rebuilt per call)."""
+    execute = _executor(client)
     try:
-        return client.execute_command(*script.evalsha, *args)
+        return execute(*script.evalsha, *args)
     except NoScriptError:
-        return client.execute_command(*script.eval, *args)
+        return execute(*script.eval, *args)
+
+
+def _executor(client: Any) -> Callable[..., Any]:
+    """How to send a script on ``client``: its channel (:mod:`celery_dlock.channel`) or execute_command."""
+    channel = script_channel(client)
+    return channel.execute if channel is not None else client.execute_command
 
 
 def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
@@ -83,6 +92,8 @@ def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:
 
 
 def check_sync_client(client: object) -> Any:
+    if type(client) in _SYNC_CLIENT_TYPES:
+        return client
     import redis.asyncio
 
     if isinstance(client, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):
@@ -92,7 +103,13 @@ def check_sync_client(client: object) -> Any:
         )
     if not callable(getattr(client, "evalsha", None)):
         raise TypeError(f"redis must be a redis.Redis or RedisCluster client, got {client!r}")
+    _SYNC_CLIENT_TYPES.add(type(client))
     return client
+
+
+# Client classes that passed check_sync_client (a lock is made per Celery task run;
+# isinstance against redis.asyncio's protocol classes is slow).
+_SYNC_CLIENT_TYPES: set[type] = set()
 
 
 class DistributedLock(LockCore):

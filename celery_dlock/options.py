@@ -6,6 +6,7 @@ naming the parameter and the value it got, before anything touches Redis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,40 +105,62 @@ class LockOptions:
         note_ttl: object = None,
     ) -> LockOptions:
         name = check_name(lock_name)
-        lease = check_seconds("timeout", timeout)
-        assert lease is not None
-        if lease < 0.001:
-            raise ValueError(f"timeout must be at least 0.001 seconds (1 ms), got {timeout!r}")
-        delay = check_seconds("retry_delay", retry_delay, allow_zero=True)
-        assert delay is not None
-        interval = check_seconds("renewal_interval", renewal_interval, allow_none=True)
-        if interval is None:
-            interval = lease / 3
-        elif interval >= lease:
-            raise ValueError(
-                f"renewal_interval must be < timeout ({timeout!r} s) so the lock is renewed "
-                f"before it expires, got {renewal_interval!r}"
-            )
+        settings = (timeout, retry_times, retry_delay, auto_renewal, renewal_interval, blocking_timeout)
+        try:
+            checked = _checked_settings(*settings, prefix, max_lease, note_ttl)
+        except TypeError:  # an unhashable value, or a wrong type: check uncached for the right error
+            checked = _checked_settings.__wrapped__(*settings, prefix, max_lease, note_ttl)
         if on_lost is not None and not callable(on_lost):
             raise TypeError(
                 f"on_lost must be a callable taking the lock, got {type(on_lost).__name__}: {on_lost!r}"
             )
-        cap = check_seconds("max_lease", max_lease, allow_none=True)
-        if cap is not None and cap < lease:
-            raise ValueError(f"max_lease must be >= timeout ({timeout!r} s), got {max_lease!r}")
-        return cls(
-            name=name,
-            timeout=lease,
-            retry_times=check_count("retry_times", retry_times),
-            retry_delay=delay,
-            auto_renewal=check_bool("auto_renewal", auto_renewal),
-            renewal_interval=interval,
-            blocking_timeout=check_seconds(
-                "blocking_timeout", blocking_timeout, allow_zero=True, allow_none=True
-            ),
-            on_lost=on_lost,
-            prefix=check_prefix(prefix),
-            max_lease=cap,
-            timeout_ms=to_millis(lease),
-            note_ttl=check_seconds("note_ttl", note_ttl, allow_none=True),
+        return cls(name=name, on_lost=on_lost, **checked)
+
+
+# Locks are often made over and over with the same settings (a Celery task makes
+# one per run): their checks are remembered, keyed by value and type (so True is
+# never taken for 1).
+@functools.lru_cache(maxsize=256, typed=True)
+def _checked_settings(
+    timeout: object,
+    retry_times: object,
+    retry_delay: object,
+    auto_renewal: object,
+    renewal_interval: object,
+    blocking_timeout: object,
+    prefix: object,
+    max_lease: object,
+    note_ttl: object,
+) -> dict[str, Any]:
+    """Every LockOptions field but the name and on_lost, checked (the dict is shared: do not change it)."""
+    lease = check_seconds("timeout", timeout)
+    assert lease is not None
+    if lease < 0.001:
+        raise ValueError(f"timeout must be at least 0.001 seconds (1 ms), got {timeout!r}")
+    delay = check_seconds("retry_delay", retry_delay, allow_zero=True)
+    assert delay is not None
+    interval = check_seconds("renewal_interval", renewal_interval, allow_none=True)
+    if interval is None:
+        interval = lease / 3
+    elif interval >= lease:
+        raise ValueError(
+            f"renewal_interval must be < timeout ({timeout!r} s) so the lock is renewed "
+            f"before it expires, got {renewal_interval!r}"
         )
+    cap = check_seconds("max_lease", max_lease, allow_none=True)
+    if cap is not None and cap < lease:
+        raise ValueError(f"max_lease must be >= timeout ({timeout!r} s), got {max_lease!r}")
+    return {
+        "timeout": lease,
+        "retry_times": check_count("retry_times", retry_times),
+        "retry_delay": delay,
+        "auto_renewal": check_bool("auto_renewal", auto_renewal),
+        "renewal_interval": interval,
+        "blocking_timeout": check_seconds(
+            "blocking_timeout", blocking_timeout, allow_zero=True, allow_none=True
+        ),
+        "prefix": check_prefix(prefix),
+        "max_lease": cap,
+        "timeout_ms": to_millis(lease),
+        "note_ttl": check_seconds("note_ttl", note_ttl, allow_none=True),
+    }

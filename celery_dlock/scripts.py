@@ -8,7 +8,7 @@ reads a client clock: leases are server-side PX expiries.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -19,21 +19,21 @@ class Script:
     name: str
     source: str
     sha: str = field(init=False)
+    sha_bytes: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        object.__setattr__(self, "sha_bytes", self.sha.encode())
 
-    def bind(self, keys: Sequence[str], encode: Callable[[str], str | bytes] | None = None) -> BoundScript:
+    def bind(self, encoded_keys: Sequence[str | bytes]) -> BoundScript:
         """This script with its KEYS fixed, for a caller that runs it over and over.
 
-        ``encode``: the redis-py client's key encoder (``client.get_encoder().encode``),
-        so the keys are encoded once here instead of on every call.
+        ``encoded_keys``: the keys as the redis-py client encodes them
+        (``client.get_encoder().encode``), so they are encoded once, not on every call.
         """
-        encoded = tuple(encode(key) for key in keys) if encode is not None else tuple(keys)
-        return BoundScript(self, tuple(keys), encoded)
+        return BoundScript(self, tuple(encoded_keys))
 
 
-@dataclass(frozen=True)
 class BoundScript:
     """A script and its KEYS, with the leading arguments of EVALSHA (and of EVAL, its
     fallback) built once: a driver appends only the ARGV of each call.
@@ -41,20 +41,19 @@ class BoundScript:
     The SHA, the KEYS count and the keys (with the client's own key encoder) go in
     already encoded, as bytes, which redis-py sends as they are instead of encoding
     them again on every call. The command name stays a str: redis-py's cluster
-    client routes EVALSHA by it.
+    client routes EVALSHA by it. (A plain class: one is made per lock, so per
+    Celery task run, and a frozen dataclass costs several times more to build.)
     """
 
-    script: Script
-    keys: tuple[str, ...]
-    encoded_keys: tuple[str | bytes, ...]
-    evalsha: tuple[str | bytes, ...] = field(init=False)
-    eval: tuple[str | bytes, ...] = field(init=False)
+    __slots__ = ("eval", "evalsha")
 
-    def __post_init__(self) -> None:
-        numkeys = str(len(self.keys)).encode()
-        keys = self.encoded_keys
-        object.__setattr__(self, "evalsha", ("EVALSHA", self.script.sha.encode(), numkeys, *keys))
-        object.__setattr__(self, "eval", ("EVAL", self.script.source, numkeys, *keys))
+    def __init__(self, script: Script, encoded_keys: tuple[str | bytes, ...]) -> None:
+        numkeys = _NUMKEYS.get(len(encoded_keys)) or str(len(encoded_keys)).encode()
+        self.evalsha: tuple[str | bytes, ...] = ("EVALSHA", script.sha_bytes, numkeys, *encoded_keys)
+        self.eval: tuple[str | bytes, ...] = ("EVAL", script.source, numkeys, *encoded_keys)
+
+
+_NUMKEYS = {n: str(n).encode() for n in range(8)}
 
 
 # A release that finds waiters makes the longest one the holder, with a lease of

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from celery_dlock.channel import script_channel
 from celery_dlock.lease import LockCore
 from celery_dlock.schedule import Batch, RenewalSchedule
 from celery_dlock.scripts import EXTEND, Script
@@ -37,16 +38,25 @@ def run_script_batch(client: Any, script: Script, calls: list[tuple[list[str], l
     """Run ``script`` once per (keys, args) in one pipeline; errors come back as exception objects."""
     from redis.exceptions import NoScriptError
 
+    channel = script_channel(client)
     for _ in range(2):
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            # execute_command, not .evalsha(): cluster pipelines block the helper method
-            # (the command itself routes fine: all keys of a call share one slot).
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        results: list[Any] = pipe.execute(raise_on_error=False)
+        if channel is not None:
+            commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+            results = channel.execute_batch(commands)
+        else:
+            pipe = client.pipeline(transaction=False)
+            for keys, args in calls:
+                # execute_command, not .evalsha(): cluster pipelines block the helper method
+                # (the command itself routes fine: all keys of a call share one slot).
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            results = pipe.execute(raise_on_error=False)
         if not any(isinstance(r, NoScriptError) for r in results):
             return results
-        client.script_load(script.source)  # the server lost its script cache (restart)
+        # The server lost its script cache (a restart): load it, on the same connection.
+        if channel is not None:
+            channel.execute("SCRIPT", "LOAD", script.source)
+        else:
+            client.script_load(script.source)
     return results
 
 

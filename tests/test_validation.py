@@ -166,3 +166,14 @@ def test_decorator_name_of_wrong_type() -> None:
 
     with pytest.raises(TypeError, match="name must be a str.*42"):
         distributed_lock_decorator(42)
+
+
+def test_remembered_checks_never_accept_a_value_of_another_type(r: redis.Redis) -> None:
+    """Checked settings are remembered by value *and* type: 1 passing never lets True through."""
+    DistributedLock(r, "typed", timeout=1, auto_renewal=True)
+    with pytest.raises(TypeError, match="timeout"):
+        DistributedLock(r, "typed", timeout=True, auto_renewal=True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="auto_renewal"):
+        DistributedLock(r, "typed", timeout=1, auto_renewal=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"timeout.*\[1\]"):
+        DistributedLock(r, "typed", timeout=[1])  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ escaped, and default keys are hashes that contain no argument value at all.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import inspect
 import json
@@ -123,6 +124,13 @@ def bind_call(
     signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any], task_name: str
 ) -> dict[str, Any]:
     """The call's arguments by parameter name, defaults applied."""
+    plain = _plain_parameters(signature)
+    if plain is not None:
+        arguments = _bind_plain(plain, args, kwargs)
+        if arguments is not None:
+            return arguments
+    # Anything else (and every call that does not fit, so it gets inspect's error):
+    # Signature.bind, ten times slower.
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
@@ -132,6 +140,40 @@ def bind_call(
         ) from None
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+# A signature whose parameters are all positional-or-keyword (the usual task):
+# their names, and the (name, default) pairs of those that have one.
+PlainParameters = tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]
+
+
+@functools.lru_cache(maxsize=512)
+def _plain_parameters(signature: inspect.Signature) -> PlainParameters | None:
+    params = signature.parameters.values()
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    defaults = tuple((p.name, p.default) for p in params if p.default is not p.empty)
+    return tuple(p.name for p in params), defaults
+
+
+def _bind_plain(
+    plain: PlainParameters, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """What ``Signature.bind`` + ``apply_defaults`` give for a plain signature (None: call does not fit)."""
+    names, defaults = plain
+    if len(args) > len(names):
+        return None
+    given = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key in given or key not in names:
+            return None
+        given[key] = value
+    if len(given) < len(names):
+        for key, default in defaults:
+            given.setdefault(key, default)
+        if len(given) < len(names):
+            return None  # a required argument is missing
+    return {name: given[name] for name in names}
 
 
 def _var_keyword(signature: inspect.Signature) -> str | None:

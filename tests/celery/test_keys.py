@@ -164,3 +164,41 @@ def test_bad_lock_key_values_are_rejected_clearly(value: Any, error: type[Except
 
     with pytest.raises(error, match=message):
         build_lock_key(value, "t", inspect.signature(task))
+
+
+def _plain(a: Any, b: Any, c: Any = 3, d: Any = None) -> None: ...
+
+
+def _one(a: Any) -> None: ...
+
+
+def _none() -> None: ...
+
+
+def _rest(a: Any, *args: Any, b: Any = 1, **kwargs: Any) -> None: ...
+
+
+@pytest.mark.parametrize("function", [_plain, _one, _none, _rest])
+def test_binding_a_call_agrees_with_inspect_for_every_shape(function: Any) -> None:
+    """The fast binder for plain signatures gives exactly Signature.bind + apply_defaults (or its error)."""
+    import itertools
+
+    from celery_dlock.celery.keys import bind_call
+
+    signature = inspect.signature(function)
+    names = [*signature.parameters, "unknown"]
+    for positional in range(6):
+        for count in range(4):
+            for keywords in itertools.combinations(names, count):
+                args, kwargs = list(range(positional)), {k: f"kw-{k}" for k in keywords}
+                try:
+                    bound = signature.bind(*args, **kwargs)
+                    bound.apply_defaults()
+                    expected: Any = list(bound.arguments.items())
+                except TypeError:
+                    expected = TypeError
+                try:
+                    got: Any = list(bind_call(signature, args, kwargs, "t").items())
+                except TypeError:
+                    got = TypeError
+                assert got == expected, (args, kwargs)
