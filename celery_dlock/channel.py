@@ -38,10 +38,12 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: Idle connections a channel keeps; more, in a burst of concurrent lock calls,
@@ -82,6 +84,28 @@ def _understood(client: Any) -> bool:
     return str(pool.connection_kwargs.get("protocol") or 2) == "2"
 
 
+def pack_command(command: Sequence[Any], encoding: str, errors: str) -> bytes:
+    """One command as a RESP array of bulk strings (what redis-py's packer sends, for the
+    argument types it accepts, without its per-argument encoder calls)."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode(encoding, errors)
+        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            data = repr(arg).encode()
+        elif isinstance(arg, (bytearray, memoryview)):
+            data = bytes(arg)
+        else:
+            raise DataError(
+                f"Invalid input of type: {type(arg).__name__!r} in {command[0]!r}. "
+                "Convert to a bytes, str, int or float first."
+            )
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class ScriptChannel:
     """Connections of one client's pool kept by this process for the lock scripts."""
 
@@ -89,13 +113,21 @@ class ScriptChannel:
         self._pool = client.connection_pool
         self._pid = os.getpid()
         self._idle: list[tuple[Any, float]] = []  # (connection, when it was put back)
+        kwargs = self._pool.connection_kwargs
+        self._encoding: str = kwargs.get("encoding") or "utf-8"
+        self._encoding_errors: str = kwargs.get("encoding_errors") or "strict"
+
+    def _pack(self, command: tuple[Any, ...]) -> bytes:
+        """``command`` in the Redis protocol, its arguments encoded as the client's encoder would."""
+        return pack_command(command, self._encoding, self._encoding_errors)
 
     def execute(self, *command: Any) -> Any:
         """Send ``command`` and return its reply (as ``execute_command`` would for EVAL/EVALSHA)."""
+        packed = self._pack(command)
         conn = self._checkout()
 
         def send_and_read() -> Any:
-            conn.send_command(*command)
+            conn.send_packed_command([packed])
             return conn.read_response()
 
         try:
@@ -114,10 +146,11 @@ class ScriptChannel:
     def execute_batch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` at once and read every reply, in order (one round trip, like a
         non-transactional pipeline); error replies come back as exception objects."""
+        packed = b"".join(self._pack(command) for command in commands)
         conn = self._checkout()
 
         def send_and_read() -> list[Any]:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command([packed])
             replies: list[Any] = []
             for _ in commands:
                 try:

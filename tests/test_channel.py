@@ -163,3 +163,19 @@ def test_clients_it_does_not_understand_keep_execute_command(redis_url: str, nam
     if isinstance(client, CountingRedis):
         assert client.commands.count("EVALSHA") == 2
     client.close()
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    from redis.connection import PythonRespSerializer
+
+    from celery_dlock.channel import pack_command
+
+    encoder = redis.Redis().get_encoder()
+    serializer = PythonRespSerializer(6000, encoder.encode)
+    command = ("EVALSHA", b"sha", b"3", b"key", "t\u00f6ken", 1500, 2.5, -3, b"", "")
+    command += (bytearray(b"x"), "x" * 10000)
+    assert pack_command(command, "utf-8", "strict") == b"".join(serializer.pack(*command))
+    assert pack_command(("SET", "\u00e9"), "latin-1", "strict") == b"*2\r\n$3\r\nSET\r\n$1\r\n\xe9\r\n"
+    for bad in (True, None, [1], object()):
+        with pytest.raises(redis.DataError, match="Invalid input of type"):
+            pack_command(("SET", bad), "utf-8", "strict")

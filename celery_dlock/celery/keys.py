@@ -17,7 +17,6 @@ escaped, and default keys are hashes that contain no argument value at all.
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import inspect
 import json
@@ -120,11 +119,22 @@ def safe_name(name: str, where: str = "lock name") -> str:
 # -- binding a call to the task signature ---------------------------------------------
 
 
+# A signature whose parameters are all positional-or-keyword (the usual task):
+# their names, and the (name, default) pairs of those that have one.
+PlainParameters = tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]
+
+
 def bind_call(
-    signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any], task_name: str
+    signature: inspect.Signature,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    task_name: str,
+    plain: PlainParameters | None = None,
 ) -> dict[str, Any]:
-    """The call's arguments by parameter name, defaults applied."""
-    plain = _plain_parameters(signature)
+    """The call's arguments by parameter name, defaults applied.
+
+    ``plain``: :func:`plain_parameters` of ``signature``, worked out once by the caller.
+    """
     if plain is not None:
         arguments = _bind_plain(plain, args, kwargs)
         if arguments is not None:
@@ -142,13 +152,7 @@ def bind_call(
     return dict(bound.arguments)
 
 
-# A signature whose parameters are all positional-or-keyword (the usual task):
-# their names, and the (name, default) pairs of those that have one.
-PlainParameters = tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]
-
-
-@functools.lru_cache(maxsize=512)
-def _plain_parameters(signature: inspect.Signature) -> PlainParameters | None:
+def plain_parameters(signature: inspect.Signature) -> PlainParameters | None:
     params = signature.parameters.values()
     if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
         return None
@@ -211,10 +215,11 @@ class ArgumentsKey(LockKey):
     def __init__(self, task_name: str, signature: inspect.Signature, names: tuple[str, ...] | None) -> None:
         self.task_name = task_name
         self.signature = signature
+        self.plain = plain_parameters(signature)
         self.names = names
 
     def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-        arguments = bind_call(self.signature, args, kwargs, self.task_name)
+        arguments = bind_call(self.signature, args, kwargs, self.task_name, self.plain)
         if self.names is None:
             chosen = arguments
         else:
@@ -257,10 +262,12 @@ class TemplateKey(LockKey):
         self.template = template
         self.task_name = task_name
         self.signature = signature
+        self.plain = plain_parameters(signature)
         self.fields = template_fields(template)
 
     def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-        values = _flattened(self.signature, bind_call(self.signature, args, kwargs, self.task_name))
+        arguments = bind_call(self.signature, args, kwargs, self.task_name, self.plain)
+        values = _flattened(self.signature, arguments)
         prepared: dict[str, Any] = {}
         for name, value in values.items():
             try:

@@ -183,9 +183,11 @@ def test_binding_a_call_agrees_with_inspect_for_every_shape(function: Any) -> No
     """The fast binder for plain signatures gives exactly Signature.bind + apply_defaults (or its error)."""
     import itertools
 
-    from celery_dlock.celery.keys import bind_call
+    from celery_dlock.celery.keys import bind_call, plain_parameters
 
     signature = inspect.signature(function)
+    plain = plain_parameters(signature)
+    assert (plain is None) == (function is _rest)
     names = [*signature.parameters, "unknown"]
     for positional in range(6):
         for count in range(4):
@@ -198,7 +200,7 @@ def test_binding_a_call_agrees_with_inspect_for_every_shape(function: Any) -> No
                 except TypeError:
                     expected = TypeError
                 try:
-                    got: Any = list(bind_call(signature, args, kwargs, "t").items())
+                    got: Any = list(bind_call(signature, args, kwargs, "t", plain).items())
                 except TypeError:
                     got = TypeError
                 assert got == expected, (args, kwargs)
