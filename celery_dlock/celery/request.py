@@ -16,10 +16,10 @@ the child is really gone (a hard time limit is reported just *before* billiard
 kills the child), polling for up to ``lock_timeout`` in a small thread.
 
 Celery may take seconds to notice a dead pool process (see :class:`ChildWatch`),
-so the request class also watches, from ``on_accepted``, the process of every
-locked request while it is active, and releases as soon as that process is
-gone. If the whole worker dies instead, the lease simply runs out,
-``lock_timeout`` after the last renewal.
+so the request class also starts a watcher that looks at the processes of the
+active locked requests, and releases as soon as one is gone. If the whole
+worker dies instead, the lease simply runs out, ``lock_timeout`` after the last
+renewal.
 
 Release happens before Celery's own handling (which may requeue an ``acks_late``
 message), so the redelivered message finds the lock free.
@@ -130,43 +130,44 @@ class ChildWatch:
 
     Celery itself may learn of a dead pool process only seconds later (it relies
     on the process sentinel, which another pool process can keep open, and on a
-    5 s maintenance timer). Each accepted locked request is watched from
-    ``on_accepted`` until it is no longer active; when its process is gone, its
-    lock is released at once (the ``on_failure`` path then finds nothing left).
+    5 s maintenance timer). Started by the first locked request accepted, the
+    thread looks every ``POLL_INTERVAL`` at the worker's active requests (Celery's
+    own set, so accepting a request costs nothing more here): when the process of
+    a locked one is gone, its lock is released at once (the ``on_failure`` path
+    then finds nothing left).
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._requests: dict[int, tuple[Any, int]] = {}
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def add(self, request: Any, pid: int) -> None:
-        with self._cond:
-            self._requests[id(request)] = (request, pid)
-            if self._thread is None or not self._thread.is_alive():
+    def ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-dlock-childwatch", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
 
     def _run(self) -> None:
         from celery.worker.state import active_requests
 
+        own_pid = os.getpid()
         while True:
-            with self._cond:
-                while not self._requests:
-                    self._cond.wait()
-                watched = list(self._requests.items())
-            for key, (request, pid) in watched:
+            time.sleep(POLL_INTERVAL)
+            try:
+                active = list(active_requests)
+            except RuntimeError:  # the set changed while we copied it: look again next time
+                continue
+            for request in active:
+                pid = getattr(request, "worker_pid", None)
+                if not pid or pid == own_pid or getattr(request.task, "_dlock_config", None) is None:
+                    continue
                 try:
                     if process_gone(pid):
                         release_abandoned(request, WorkerLostError(f"pool process {pid} exited"))
-                    elif request in active_requests:
-                        continue
                 except Exception:  # never let the watcher die
                     logger.exception("celery-dlock: checking pool process %s failed", pid)
-                with self._cond:
-                    self._requests.pop(key, None)
-            time.sleep(POLL_INTERVAL)
 
 
 _child_watch = ChildWatch()
@@ -205,10 +206,8 @@ def locked_request_class(base: type) -> type:
                 return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
             def on_accepted(self, pid: int, time_accepted: float) -> Any:
-                result = super().on_accepted(pid, time_accepted)
-                if pid and pid != os.getpid() and getattr(self.task, "_dlock_config", None) is not None:
-                    _child_watch.add(self, pid)
-                return result
+                _child_watch.ensure_started()
+                return super().on_accepted(pid, time_accepted)
 
             def on_timeout(self, soft: bool, timeout: float) -> Any:
                 result = super().on_timeout(soft, timeout)

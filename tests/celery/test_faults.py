@@ -75,6 +75,44 @@ def test_pool_process_sigkilled_mid_task_frees_its_lock_quickly(faults: ModuleTy
     assert faults.hold.delay(tag, 0.1).get(timeout=10)["task_id"]
 
 
+class _ActiveRequest:
+    """What the child watch reads of a Celery request (weak-referenceable, as Celery's set needs)."""
+
+    def __init__(self, task: Any, task_id: str, pid: int, args: tuple[Any, ...]) -> None:
+        self.task, self.id, self.hostname, self.worker_pid = task, task_id, "watched@host", pid
+        self.args, self.kwargs = args, {}
+
+
+def test_the_child_watch_frees_the_lock_of_an_active_request_whose_process_is_gone(
+    faults: ModuleType, tag: str
+) -> None:
+    """Celery may be seconds late to report a dead pool process (its sentinel can be held open by
+    a sibling): the main process's watcher, looking at Celery's active requests, frees it first."""
+    import subprocess
+
+    from celery.worker.state import active_requests
+
+    from celery_dlock.celery import request as request_module
+    from celery_dlock.celery.config import redis_client_for_app
+    from celery_dlock.celery.tasklock import Owner, TaskLock
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that has exited: the "pool process" that ran this request
+    request = _ActiveRequest(faults.hold, f"watched-{uuid.uuid4().hex}", gone.pid, (tag, 20))
+    owner = Owner(request.id, request.hostname, gone.pid)
+    client = redis_client_for_app(faults.app)
+    name, prefix = faults.hold.lock_name_for(tag, 20), faults.app.conf.dlock_prefix
+    lock = TaskLock(client, name, owner=owner, timeout=30, prefix=prefix)
+    assert lock.acquire(blocking=False)
+    active_requests.add(request)
+    try:
+        request_module._child_watch.ensure_started()
+        freed_after = seconds_until_gone(lock.keys.lock, timeout=5)
+    finally:
+        active_requests.discard(request)
+    assert freed_after < 1.0  # the 30 s lease did not free it: the watcher did
+
+
 def test_a_waiting_duplicate_runs_soon_after_the_holders_process_is_killed(
     faults: ModuleType, tag: str
 ) -> None:
