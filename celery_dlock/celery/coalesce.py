@@ -35,6 +35,7 @@ near-simultaneous calls counts as "requested before that run ended" does.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,12 @@ def call_identity(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]
     except (TypeError, ValueError):
         return None
     return digest(data)
+
+
+def name_digest(lock_name: str) -> str:
+    """The call of a lock key made of the task name and all its arguments: its lock name, hashed
+    (one sha256 instead of canonicalising the arguments a second time)."""
+    return hashlib.sha256(lock_name.encode()).hexdigest()
 
 
 def requested_at(request: Any) -> float | None:

@@ -202,6 +202,10 @@ def _flattened(signature: inspect.Signature, arguments: dict[str, Any]) -> dict[
 class LockKey:
     """Computes a run's lock name from its call arguments."""
 
+    #: Whether the lock name alone tells one call (task and all its arguments) from
+    #: every other: then it also names the call for covered-call notes (coalesce.py).
+    identifies_call = False
+
     def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         raise NotImplementedError
 
@@ -217,6 +221,7 @@ class ArgumentsKey(LockKey):
         self.signature = signature
         self.plain = plain_parameters(signature)
         self.names = names
+        self.identifies_call = names is None  # task name + every argument, defaults applied
 
     def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         arguments = bind_call(self.signature, args, kwargs, self.task_name, self.plain)

@@ -45,7 +45,7 @@ from celery.signals import task_postrun
 from redis.exceptions import RedisError
 
 from celery_dlock.celery import dedup
-from celery_dlock.celery.coalesce import RunNote, call_identity, requested_at
+from celery_dlock.celery.coalesce import RunNote, call_identity, name_digest, requested_at
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.errors import TaskSkipped
 from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
@@ -171,7 +171,11 @@ class Acquisition:
         # requested while that identical call was queued or running is skipped
         # (see coalesce.py).
         self.notes = isinstance(config.policy, Skip) and config.skip_covered
-        self.call = call_identity(task.name, args, kwargs) if self.notes else None
+        self.call: str | None = None
+        if self.notes and config.key.identifies_call:
+            self.call = name_digest(self.name)
+        elif self.notes:
+            self.call = call_identity(task.name, args, kwargs)
         self.requested_at = requested_at(request) if self.call and not self.in_process else None
 
     # -- the decision ---------------------------------------------------------------
