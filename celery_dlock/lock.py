@@ -45,7 +45,7 @@ def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[
     try:
         return execute("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
-        return execute("EVAL", script.source, len(keys), *keys, *args)
+        return execute("EVAL", script.source_bytes, len(keys), *keys, *args)
 
 
 def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:

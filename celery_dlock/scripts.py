@@ -20,9 +20,13 @@ class Script:
     source: str
     sha: str = field(init=False)
     sha_bytes: bytes = field(init=False, repr=False)
+    # The source as sent: UTF-8 bytes, whatever encoding the client uses for values
+    # (the SHA is of these bytes; a client encoding of e.g. UTF-16 would garble the Lua).
+    source_bytes: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        object.__setattr__(self, "source_bytes", self.source.encode())
+        object.__setattr__(self, "sha", hashlib.sha1(self.source_bytes).hexdigest())
         object.__setattr__(self, "sha_bytes", self.sha.encode())
 
     def bind(self, encoded_keys: Sequence[str | bytes]) -> BoundScript:
@@ -50,7 +54,7 @@ class BoundScript:
     def __init__(self, script: Script, encoded_keys: tuple[str | bytes, ...]) -> None:
         numkeys = _NUMKEYS.get(len(encoded_keys)) or str(len(encoded_keys)).encode()
         self.evalsha: tuple[str | bytes, ...] = ("EVALSHA", script.sha_bytes, numkeys, *encoded_keys)
-        self.eval: tuple[str | bytes, ...] = ("EVAL", script.source, numkeys, *encoded_keys)
+        self.eval: tuple[str | bytes, ...] = ("EVAL", script.source_bytes, numkeys, *encoded_keys)
 
 
 _NUMKEYS = {n: str(n).encode() for n in range(8)}

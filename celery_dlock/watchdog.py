@@ -54,9 +54,9 @@ def run_script_batch(client: Any, script: Script, calls: list[tuple[list[str], l
             return results
         # The server lost its script cache (a restart): load it, on the same connection.
         if channel is not None:
-            channel.execute("SCRIPT", "LOAD", script.source)
+            channel.execute("SCRIPT", "LOAD", script.source_bytes)
         else:
-            client.script_load(script.source)
+            client.script_load(script.source_bytes)
     return results
 
 

@@ -1,15 +1,15 @@
-"""The script channel: the lock's scripts over kept connections, with redis-py's guarantees kept.
+"""The script channel: the lock's scripts without execute_command, with redis-py's guarantees kept.
 
-Each test breaks one of the things ``execute_command`` would have handled (a
-connection the server closed while idle, one killed under load, an error reply,
-an interrupted read, a fork) and checks that the lock still gets the right reply.
+Each test breaks one of the things ``execute_command`` would have handled (pool
+limits, a pool shared by short-lived clients, a connection the server closed,
+one killed under load, an error reply, an interrupted read, a fork, a client
+encoding, a tracing wrapper) and checks that the lock still gets the right reply.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import signal
-import time
 from typing import Any
 
 import pytest
@@ -18,14 +18,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_dlock import DistributedLock
-from celery_dlock.channel import IDLE_CHECK_AFTER, script_channel
+from celery_dlock.channel import script_channel
 from celery_dlock.embedded import RedisServer
 from tests.support.counting import CountingRedis
 from tests.support.proxy import ChaosProxy
 
 
-def kept_connection_id(client: redis.Redis) -> int:
-    """CLIENT ID of the connection the channel would use next."""
+def next_connection_id(client: redis.Redis) -> int:
+    """CLIENT ID of the pool connection the channel would use next."""
     channel = script_channel(client)
     assert channel is not None
     return int(channel.execute("CLIENT", "ID"))
@@ -35,40 +35,40 @@ def kill_client(admin: redis.Redis, client_id: int) -> None:
     admin.execute_command("CLIENT", "KILL", "ID", client_id)
 
 
-def test_the_lock_scripts_reuse_one_kept_connection(redis_url: str, name: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    kept = kept_connection_id(client)
-    for _ in range(20):
-        lock = DistributedLock(client, name)
-        assert lock.acquire() and lock.release()
-    assert kept_connection_id(client) == kept
+def test_a_pool_of_one_connection_serves_the_lock_and_the_body(redis_url: str, name: str) -> None:
+    """The channel borrows and gives back, like execute_command: it never keeps a pool's connection."""
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=2)
+    client = redis.Redis(connection_pool=pool)
+    for round_ in range(5):
+        lock = DistributedLock(client, name, auto_renewal=True)
+        assert lock.acquire()
+        assert client.set(f"{name}:body", round_)  # would wait 2 s and fail if the lock kept it
+        assert lock.release()
     client.close()
 
 
-def test_a_connection_the_server_closed_while_idle_is_replaced(redis_url: str, name: str) -> None:
-    """With retries turned off, only the idle check stands between a dead connection and an error."""
+def test_short_lived_clients_sharing_a_pool_leave_no_connection_behind(redis_url: str, name: str) -> None:
+    pool = redis.ConnectionPool.from_url(redis_url, max_connections=3)
+    for _ in range(20):  # redis-py's pattern: a client per request on a shared pool
+        client = redis.Redis(connection_pool=pool)
+        lock = DistributedLock(client, name)
+        assert lock.acquire() and lock.release()
+        del client, lock
+    assert redis.Redis(connection_pool=pool).ping()
+    pool.disconnect()
+
+
+def test_a_connection_the_server_closed_is_replaced_without_a_retry(redis_url: str, name: str) -> None:
+    """With retries turned off, only the pool's readiness check stands between a dead connection
+    and an error (a Sentinel failover kills every client connection like this)."""
     admin = redis.Redis.from_url(redis_url)
     client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
     lock = DistributedLock(client, name)
     assert lock.acquire() and lock.release()
-    kill_client(admin, kept_connection_id(client))
-    time.sleep(IDLE_CHECK_AFTER + 0.2)
-    assert lock.acquire(), "the dead kept connection was used"
+    kill_client(admin, next_connection_id(client))
+    assert lock.acquire(), "the dead connection was used"
     assert admin.get(lock.keys.lock) == lock.token.encode()
     assert lock.release()
-    client.close()
-    admin.close()
-
-
-def test_a_connection_killed_under_load_is_retried_by_the_client_policy(redis_url: str, name: str) -> None:
-    admin = redis.Redis.from_url(redis_url)
-    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 2))
-    lock = DistributedLock(client, name)
-    assert lock.acquire() and lock.release()
-    kill_client(admin, kept_connection_id(client))
-    assert lock.acquire()  # at once: no idle check, the retry policy reconnects
-    assert lock.release()
-    assert not admin.exists(lock.keys.lock)
     client.close()
     admin.close()
 
@@ -77,10 +77,10 @@ def test_an_error_reply_leaves_the_connection_clean(own_redis: RedisServer) -> N
     client = redis.Redis.from_url(own_redis.url)
     lock = DistributedLock(client, "flushed")
     assert lock.acquire() and lock.release()
-    kept = kept_connection_id(client)
+    kept = next_connection_id(client)
     client.script_flush()  # the next EVALSHA answers NOSCRIPT; the lock falls back to EVAL
     assert lock.acquire() and lock.release()
-    assert kept_connection_id(client) == kept
+    assert next_connection_id(client) == kept
     client.close()
 
 
@@ -120,7 +120,7 @@ def _use_in_child(url: str, name: str, queue: Any) -> None:
     client = _shared["client"]
     lock = DistributedLock(client, name)
     ok = all(lock.acquire() and lock.release() for _ in range(10))
-    queue.put((ok, kept_connection_id(client)))
+    queue.put((ok, next_connection_id(client)))
 
 
 _shared: dict[str, Any] = {}
@@ -132,7 +132,7 @@ def test_a_forked_child_takes_its_own_connections(redis_url: str, name: str) -> 
     _shared["client"] = client
     lock = DistributedLock(client, name)
     assert lock.acquire() and lock.release()
-    parent_kept = kept_connection_id(client)
+    parent_kept = next_connection_id(client)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_use_in_child, args=(redis_url, name, queue))
@@ -142,7 +142,7 @@ def test_a_forked_child_takes_its_own_connections(redis_url: str, name: str) -> 
     assert ok and child.exitcode == 0
     assert child_kept != parent_kept
     assert lock.acquire() and lock.release()  # the parent's connection still works
-    assert kept_connection_id(client) == parent_kept
+    assert next_connection_id(client) == parent_kept
     client.close()
 
 
@@ -151,9 +151,8 @@ def test_a_forked_child_takes_its_own_connections(redis_url: str, name: str) -> 
     [
         lambda url: CountingRedis.from_url(url),  # overrides execute_command: its counts must see us
         lambda url: redis.Redis.from_url(url, single_connection_client=True),
-        lambda url: redis.Redis.from_url(url, protocol=3),
     ],
-    ids=["execute_command-overridden", "single-connection", "resp3"],
+    ids=["execute_command-overridden", "single-connection"],
 )
 def test_clients_it_does_not_understand_keep_execute_command(redis_url: str, name: str, make: Any) -> None:
     client = make(redis_url)
@@ -162,6 +161,48 @@ def test_clients_it_does_not_understand_keep_execute_command(redis_url: str, nam
     assert lock.acquire() and lock.release()
     if isinstance(client, CountingRedis):
         assert client.commands.count("EVALSHA") == 2
+    client.close()
+
+
+def test_a_tracing_wrapper_on_redis_py_keeps_seeing_the_lock_commands(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracing libraries (ddtrace, OpenTelemetry, Sentry) wrap Redis.execute_command on the class."""
+    import functools
+
+    seen: list[str] = []
+    original = redis.Redis.execute_command
+
+    @functools.wraps(original)
+    def traced(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        seen.append(str(args[0]))
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", traced)
+    client = redis.Redis.from_url(redis_url)
+    lock = DistributedLock(client, name)
+    assert lock.acquire() and lock.release()
+    assert seen.count("EVALSHA") == 2
+    client.close()
+
+
+@pytest.mark.parametrize("options", [{"protocol": 3}, {"protocol": 2}, {"encoding": "utf-16"}])
+def test_the_lock_works_over_the_channel_whatever_the_protocol_or_encoding(
+    own_redis: RedisServer, name: str, options: dict[str, Any]
+) -> None:
+    """RESP3 replies; and a client encoding that is not ASCII-compatible (the command name and the
+    script source must still go out as UTF-8, as redis-py sends them)."""
+    client = redis.Redis.from_url(own_redis.url, **options)
+    assert script_channel(client) is not None
+    client.script_flush()  # our own server: the first call must EVAL the source
+    first, second = DistributedLock(client, name), DistributedLock(client, name)
+    assert first.acquire()
+    fence = first.fence
+    assert fence is not None
+    assert not second.acquire(blocking=False)
+    assert first.release()
+    assert second.acquire() and second.fence == fence + 1
+    assert second.release()
     client.close()
 
 

@@ -57,7 +57,7 @@ async def run_script(client: Any, script: Script, keys: Sequence[str], args: Seq
     try:
         return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
-        return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        return await client.execute_command("EVAL", script.source_bytes, len(keys), *keys, *args)
 
 
 async def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:

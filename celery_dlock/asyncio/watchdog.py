@@ -36,7 +36,7 @@ async def run_script_batch(
         results: list[Any] = await pipe.execute(raise_on_error=False)
         if not any(isinstance(r, NoScriptError) for r in results):
             return results
-        await client.script_load(script.source)
+        await client.script_load(script.source_bytes)
     return results
 
 

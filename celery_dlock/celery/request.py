@@ -160,14 +160,14 @@ class ChildWatch:
             except RuntimeError:  # the set changed while we copied it: look again next time
                 continue
             for request in active:
-                pid = getattr(request, "worker_pid", None)
-                if not pid or pid == own_pid or getattr(request.task, "_dlock_config", None) is None:
-                    continue
                 try:
+                    pid = getattr(request, "worker_pid", None)
+                    if not pid or pid == own_pid or getattr(request.task, "_dlock_config", None) is None:
+                        continue
                     if process_gone(pid):
                         release_abandoned(request, WorkerLostError(f"pool process {pid} exited"))
                 except Exception:  # never let the watcher die
-                    logger.exception("celery-dlock: checking pool process %s failed", pid)
+                    logger.exception("celery-dlock: checking the pool process of %r failed", request)
 
 
 _child_watch = ChildWatch()
