@@ -52,7 +52,7 @@ def run_script_batch(client: Any, script: Script, calls: list[tuple[list[str], l
             results = pipe.execute(raise_on_error=False)
         if not any(isinstance(r, NoScriptError) for r in results):
             return results
-        # The server lost its script cache (a restart): load it, on the same connection.
+        # The server lost its script cache (a restart): load it, the way the batch went.
         if channel is not None:
             channel.execute("SCRIPT", "LOAD", script.source_bytes)
         else:
