@@ -351,7 +351,7 @@ class LockCore:
         cap = to_millis(self.options.max_lease) if self.options.max_lease else 0
         return [token, lease_ms, "set" if replace else "add", cap]
 
-    def _release_args(self, token: str, note: str | None) -> tuple[str, ...]:
+    def _release_args(self, token: str, note: str | None) -> tuple[str | bytes, ...]:
         """ARGV of the RELEASE script after its KEYS; checks ``note`` before anything is sent."""
         if note is None:
             return (token,)
@@ -362,7 +362,8 @@ class LockCore:
             raise ValueError(
                 f"lock {self.name!r} keeps no notes: create it with note_ttl=<seconds> to release with a note"
             )
-        return (token, "note", note, str(to_millis(note_ttl)))
+        # The note goes as UTF-8 whatever the client's encoding, as it is read back.
+        return (token, "note", note.encode(), str(to_millis(note_ttl)))
 
     def _finish_release(self, token: str, released: bool) -> None:
         """After the release script answered: a lock that was not ours any more was lost."""

@@ -154,3 +154,20 @@ def test_the_documented_watermark_example(r: redis.Redis, name: str) -> None:
 
     assert [run_job() for _ in range(3)] == [0, 10, 20]
     assert DistributedLock(r, name).read_holder() is None
+
+
+def test_a_note_reads_back_the_same_whatever_the_client_encoding(r: redis.Redis, redis_url: str) -> None:
+    """Notes are stored as UTF-8: a latin-1 client reads back what it (or a UTF-8 client) wrote."""
+    import uuid
+
+    name = f"encoded-{uuid.uuid4().hex}"
+    latin = redis.Redis.from_url(redis_url, encoding="latin-1")
+    for writer in (latin, r):
+        first = DistributedLock(writer, name, note_ttl=5)
+        assert first.acquire() and first.release(note="n\u00f6te \u2192 \u00e9t\u00e9")
+        for reader in (latin, r):
+            second = DistributedLock(reader, name, note_ttl=5)
+            assert second.acquire()
+            assert second.note == "n\u00f6te \u2192 \u00e9t\u00e9"
+            assert second.release()
+    latin.close()
