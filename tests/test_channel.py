@@ -190,8 +190,9 @@ def test_a_tracing_wrapper_on_redis_py_keeps_seeing_the_lock_commands(
 def test_the_lock_works_over_the_channel_whatever_the_protocol_or_encoding(
     own_redis: RedisServer, name: str, options: dict[str, Any]
 ) -> None:
-    """RESP3 replies; and a client encoding that is not ASCII-compatible (the command name and the
-    script source must still go out as UTF-8, as redis-py sends them)."""
+    """RESP3 replies; and even a client encoding that is not ASCII-compatible, which the lock as a
+    whole does not support (docs/lock.md), still gets the command name and the script source as
+    UTF-8, as redis-py sends them: a plain acquire and release work."""
     client = redis.Redis.from_url(own_redis.url, **options)
     assert script_channel(client) is not None
     client.script_flush()  # our own server: the first call must EVAL the source
