@@ -28,7 +28,7 @@ commands do bypass redis-py 8's built-in operation metrics.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -109,36 +109,37 @@ class ScriptChannel:
 
     def execute(self, *command: Any) -> Any:
         """Send ``command`` and return its reply (as ``execute_command`` would for EVAL/EVALSHA)."""
-        packed = [pack_command(command, self._encoding, self._encoding_errors)]
-        conn = self._pool.get_connection()
-        try:
-
-            def send_and_read() -> Any:
-                conn.send_packed_command(packed)
-                return conn.read_response()
-
-            return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
-        finally:
-            self._pool.release(conn)
+        return self._round_trip(self._pack(command), lambda conn: conn.read_response())
 
     def execute_batch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` at once and read every reply, in order (one round trip, like a
         non-transactional pipeline); error replies come back as exception objects."""
-        packed = [b"".join(pack_command(c, self._encoding, self._encoding_errors) for c in commands)]
+
+        def read_all(conn: Any) -> list[Any]:
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as error:
+                    replies.append(error)
+            return replies
+
+        result: list[Any] = self._round_trip(b"".join(self._pack(c) for c in commands), read_all)
+        return result
+
+    def _pack(self, command: tuple[Any, ...]) -> bytes:
+        return pack_command(command, self._encoding, self._encoding_errors)
+
+    def _round_trip(self, packed: bytes, read: Callable[[Any], Any]) -> Any:
+        """Write ``packed`` on a borrowed connection and ``read`` the reply, under its retry policy
+        (a failed try disconnects; the next one reconnects as it sends), then give it back."""
         conn = self._pool.get_connection()
         try:
 
-            def send_and_read() -> list[Any]:
-                conn.send_packed_command(packed)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as error:
-                        replies.append(error)
-                return replies
+            def send_and_read() -> Any:
+                conn.send_packed_command([packed])
+                return read(conn)
 
-            replies: list[Any] = conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
-            return replies
+            return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
         finally:
             self._pool.release(conn)

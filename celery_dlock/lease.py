@@ -47,6 +47,20 @@ def new_token() -> str:
     return os.urandom(TOKEN_BYTES).hex()
 
 
+def key_encoder(client: Any) -> Callable[[str], str | bytes]:
+    """How ``client`` encodes a key (always a str here): redis-py's Encoder does
+    ``str.encode(encoding, errors)`` after type checks that cost more than that."""
+    get_encoder = getattr(client, "get_encoder", None)
+    if get_encoder is None:
+        return lambda key: key
+    encoder = get_encoder()
+    encoding, errors = getattr(encoder, "encoding", None), getattr(encoder, "encoding_errors", None)
+    if isinstance(encoding, str) and isinstance(errors, str):
+        return lambda key: key.encode(encoding, errors)
+    encode: Callable[[str], str | bytes] = encoder.encode
+    return encode
+
+
 def trusted_until(sent_at: float, lease_ms: int) -> float:
     """Monotonic time until which a lease granted for a request sent at ``sent_at`` is surely ours."""
     lease = lease_ms / 1000.0
@@ -235,20 +249,11 @@ class LockCore:
 
     def _bind_scripts(self, client: Any) -> None:
         """Bind the acquire and release scripts to this lock's KEYS, encoded as ``client`` encodes keys."""
-        get_encoder = getattr(client, "get_encoder", None)
         note_key = (self.keys.note,) if self.options.note_ttl is not None else ()
         acquire_keys = self.keys.acquire_keys + note_key
         # Both scripts use the same keys (in another order): encode each once.
-        encoded: dict[str, str | bytes] = {key: key for key in acquire_keys}
-        if get_encoder is not None:
-            # redis-py's Encoder turns a str into bytes with its encoding (what
-            # encoder.encode does after its type checks, which cost more than this).
-            encoder = get_encoder()
-            encoding, errors = getattr(encoder, "encoding", None), getattr(encoder, "encoding_errors", None)
-            if isinstance(encoding, str) and isinstance(errors, str):
-                encoded = {key: key.encode(encoding, errors) for key in acquire_keys}
-            else:
-                encoded = {key: encoder.encode(key) for key in acquire_keys}
+        encode = key_encoder(client)
+        encoded = {key: encode(key) for key in acquire_keys}
         self._acquire_script = ACQUIRE.bind([encoded[key] for key in acquire_keys])
         self._release_script = RELEASE.bind([encoded[key] for key in self.keys.release_keys + note_key])
 
