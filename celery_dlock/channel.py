@@ -1,4 +1,4 @@
-"""How the sync lock sends its scripts: straight over a pool connection, without execute_command.
+"""How the sync lock sends its scripts: straight over a connection, without execute_command.
 
 redis-py's ``execute_command`` is correct for any command, and pays for that on
 every call: a retry wrapper around a closure, observability hooks, response
@@ -16,23 +16,47 @@ writes the command, packed by :func:`pack_command`, and reads its reply itself:
 * **No stale reply.** redis-py's connection disconnects itself when a read or a
   send is interrupted, and the connection always goes back to the pool.
 
+A checkout from redis-py's pool costs more CPU than the lock's own work (locks,
+metrics, a readiness check), so two kinds of client skip it:
+
+* a ``single_connection_client`` is served on its own connection, under the
+  client's own lock, as ``execute_command`` serves it (once closed, its commands
+  go through the pool, again as redis-py does);
+* a client given to :func:`dedicate_connection` (the Celery layer's own clients)
+  keeps one pool connection for the lock's scripts, taken at the first script and
+  used under a lock of its own, like a single-connection client that connects
+  lazily, so that an unreachable Redis shows up as an error of a lock command.
+  Its other commands use the pool as usual.
+
+A single-connection client's connection is used as redis-py uses it (a connection
+the server closed fails its command, and the retry policy sends it again). A
+dedicated connection idle for more than ``IDLE_CHECK_AFTER`` seconds first gets the
+pool's readiness check, so a connection the server closed meanwhile (a restart,
+an idle timeout) is replaced even without retries, as a pool checkout would.
+
 Acquire, release and the watchdog's batched renewals all use it. Clients it does
 not understand get ``None`` from :func:`script_channel` and keep using
-``execute_command``: Redis Cluster, single-connection clients, client-side
-caching, custom EVAL/EVALSHA response callbacks, and any ``execute_command``
-that is not redis-py's own (a subclass's override, or a tracing library's
-wrapper: their instrumentation keeps seeing the lock's commands). The lock's
-commands do bypass redis-py 8's built-in operation metrics.
+``execute_command``: Redis Cluster, client-side caching, custom EVAL/EVALSHA
+response callbacks, and any ``execute_command`` that is not redis-py's own (a
+subclass's override, or a tracing library's wrapper: their instrumentation keeps
+seeing the lock's commands). The lock's commands do bypass redis-py 8's built-in
+operation metrics.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import DataError
+
+#: A dedicated connection unused for longer than this is checked before it is used again.
+IDLE_CHECK_AFTER = 1.0
 
 _channels: weakref.WeakKeyDictionary[Any, ScriptChannel | None] = weakref.WeakKeyDictionary()
 
@@ -50,13 +74,22 @@ def script_channel(client: Any) -> ScriptChannel | None:
     return channel
 
 
+def dedicate_connection(client: Any) -> None:
+    """Have the lock's scripts on ``client`` keep one connection instead of a checkout per
+    script (see the module docstring). For a client nobody else shares with other pools'
+    rules: one made from a URL, with a plain ``ConnectionPool``. Ignored for clients the
+    channel does not understand."""
+    if _understood(client):
+        _channels[client] = ScriptChannel(client, dedicated=True)
+
+
 def _understood(client: Any) -> bool:
     if not isinstance(client, redis.Redis):
         return False
     if not _is_redis_py_execute_command(type(client).execute_command):
         return False
-    if client.connection is not None:  # single_connection_client: it has its own lock
-        return False
+    if client.connection is not None and getattr(client, "single_connection_lock", None) is None:
+        return False  # a single-connection client from before redis-py guarded it with a lock
     if "EVALSHA" in client.response_callbacks or "EVAL" in client.response_callbacks:
         return False
     pool = client.connection_pool
@@ -99,10 +132,20 @@ def pack_command(command: Sequence[Any], encoding: str, errors: str) -> bytes:
 
 
 class ScriptChannel:
-    """Sends commands on connections borrowed from one client's pool, one call at a time."""
+    """Sends one client's lock commands, one call at a time, on a connection borrowed from its
+    pool, or on the connection it keeps (see the module docstring)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, dedicated: bool = False) -> None:
         self._pool = client.connection_pool
+        # A single-connection client: a weak reference (the channel is the value of a
+        # weak dict keyed by the client), read on each call, as close() may drop it.
+        self._single: Callable[[], Any] = weakref.ref(client) if client.connection is not None else _no_client
+        # dedicate_connection(): the kept connection (None until the first script) and its lock.
+        self._dedicated_lock = threading.RLock() if dedicated else None
+        self._dedicated: Any = None
+        self._dedicated_used_at = 0.0
+        if dedicated:
+            _dedicated_channels.add(self)
         kwargs = self._pool.connection_kwargs
         self._encoding: str = kwargs.get("encoding") or "utf-8"
         self._encoding_errors: str = kwargs.get("encoding_errors") or "strict"
@@ -131,15 +174,72 @@ class ScriptChannel:
         return pack_command(command, self._encoding, self._encoding_errors)
 
     def _round_trip(self, packed: bytes, read: Callable[[Any], Any]) -> Any:
-        """Write ``packed`` on a borrowed connection and ``read`` the reply, under its retry policy
-        (a failed try disconnects; the next one reconnects as it sends), then give it back."""
+        """Write ``packed`` and ``read`` the reply: on the client's own connection (a
+        single-connection client), on the dedicated one, else on one borrowed from the pool."""
+        client = self._single()
+        if client is not None:
+            with client.single_connection_lock:
+                conn = client.connection
+                if conn is not None:
+                    return _on_kept_connection(conn, packed, read)
+        if self._dedicated_lock is not None:
+            with self._dedicated_lock:
+                conn, now = self._dedicated, time.monotonic()
+                if conn is None:
+                    conn = self._dedicated = self._pool.get_connection()
+                elif now - self._dedicated_used_at > IDLE_CHECK_AFTER and not _ready(conn):
+                    conn.disconnect()  # the send below connects again
+                self._dedicated_used_at = now
+                return _on_kept_connection(conn, packed, read)
         conn = self._pool.get_connection()
         try:
-
-            def send_and_read() -> Any:
-                conn.send_packed_command([packed])
-                return read(conn)
-
-            return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+            return _send_and_read(conn, packed, read)
         finally:
             self._pool.release(conn)
+
+
+def _send_and_read(conn: Any, packed: bytes, read: Callable[[Any], Any]) -> Any:
+    """Write ``packed`` on ``conn`` and ``read`` the reply under its retry policy (a failed
+    try disconnects; the next one reconnects as it sends)."""
+
+    def send_and_read() -> Any:
+        conn.send_packed_command([packed])
+        return read(conn)
+
+    return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+
+
+def _on_kept_connection(conn: Any, packed: bytes, read: Callable[[Any], Any]) -> Any:
+    try:
+        return _send_and_read(conn, packed, read)
+    finally:
+        # redis-py's maintenance notifications may ask for a new connection
+        should_reconnect = getattr(conn, "should_reconnect", None)
+        if should_reconnect is not None and should_reconnect():
+            conn.disconnect()
+
+
+def _ready(conn: Any) -> bool:
+    """The pool's readiness check: connected, nothing unread, not closed by the server."""
+    try:
+        return not conn.can_read()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def _no_client() -> None:
+    return None
+
+
+_dedicated_channels: weakref.WeakSet[ScriptChannel] = weakref.WeakSet()
+
+
+def _forget_dedicated_in_child() -> None:
+    # The parent's kept connections share its sockets, and a lock may have been held
+    # by another thread at the fork: a child starts with neither.
+    for channel in list(_dedicated_channels):
+        channel._dedicated = None
+        channel._dedicated_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_forget_dedicated_in_child)

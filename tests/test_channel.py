@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -18,7 +20,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_dlock import DistributedLock
-from celery_dlock.channel import script_channel
+from celery_dlock import channel as channel_module
+from celery_dlock.channel import dedicate_connection, script_channel
+from celery_dlock.errors import LockBackendUnavailable
 from celery_dlock.embedded import RedisServer
 from tests.support.counting import CountingRedis
 from tests.support.proxy import ChaosProxy
@@ -88,11 +92,16 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_read_never_leaves_its_reply_for_the_next_command(own_redis: RedisServer) -> None:
+@pytest.mark.parametrize("dedicated", [False, True], ids=["pool", "dedicated"])
+def test_an_interrupted_read_never_leaves_its_reply_for_the_next_command(
+    own_redis: RedisServer, dedicated: bool
+) -> None:
     proxy = ChaosProxy(own_redis.port).start()
     previous = signal.getsignal(signal.SIGALRM)
     try:
         client = redis.Redis.from_url(proxy.url, socket_timeout=5)
+        if dedicated:
+            dedicate_connection(client)
         lock = DistributedLock(client, "interrupted")
         assert lock.acquire() and lock.release()
 
@@ -127,8 +136,11 @@ _shared: dict[str, Any] = {}
 
 
 @pytest.mark.slow
-def test_a_forked_child_takes_its_own_connections(redis_url: str, name: str) -> None:
+@pytest.mark.parametrize("dedicated", [False, True], ids=["pool", "dedicated"])
+def test_a_forked_child_takes_its_own_connections(redis_url: str, name: str, dedicated: bool) -> None:
     client = redis.Redis.from_url(redis_url)
+    if dedicated:
+        dedicate_connection(client)
     _shared["client"] = client
     lock = DistributedLock(client, name)
     assert lock.acquire() and lock.release()
@@ -150,9 +162,8 @@ def test_a_forked_child_takes_its_own_connections(redis_url: str, name: str) -> 
     "make",
     [
         lambda url: CountingRedis.from_url(url),  # overrides execute_command: its counts must see us
-        lambda url: redis.Redis.from_url(url, single_connection_client=True),
     ],
-    ids=["execute_command-overridden", "single-connection"],
+    ids=["execute_command-overridden"],
 )
 def test_clients_it_does_not_understand_keep_execute_command(redis_url: str, name: str, make: Any) -> None:
     client = make(redis_url)
@@ -162,6 +173,112 @@ def test_clients_it_does_not_understand_keep_execute_command(redis_url: str, nam
     if isinstance(client, CountingRedis):
         assert client.commands.count("EVALSHA") == 2
     client.close()
+
+
+def test_a_single_connection_client_is_served_on_its_own_connection(redis_url: str, name: str) -> None:
+    """No pool checkout: the scripts run on the client's one connection (the Celery layer's clients)."""
+    tag = f"dlock-single-{uuid.uuid4().hex[:12]}"
+    client = redis.Redis.from_url(redis_url, single_connection_client=True, client_name=tag)
+    admin = redis.Redis.from_url(redis_url)
+    assert script_channel(client) is not None
+    own_id = int(client.execute_command("CLIENT", "ID"))
+    assert next_connection_id(client) == own_id
+    for _ in range(3):
+        lock = DistributedLock(client, name, auto_renewal=True)
+        assert lock.acquire() and lock.release()
+    assert [c["name"] for c in admin.client_list()].count(tag) == 1  # the pool opened no other
+    # Closed, the client gives its connection back to the pool: from then on the
+    # channel borrows from the pool like execute_command, never the given-back one.
+    client.close()
+    assert client.connection is None
+    lock = DistributedLock(client, name)
+    assert lock.acquire() and lock.release()
+    client.connection_pool.disconnect()
+    admin.close()
+
+
+@pytest.mark.parametrize("kind", ["single-connection", "dedicated"])
+def test_threads_take_turns_on_a_kept_connection(redis_url: str, name: str, kind: str) -> None:
+    """Its lock keeps one thread's command and reply together: no thread reads another's reply."""
+    client = redis.Redis.from_url(redis_url, single_connection_client=kind == "single-connection")
+    if kind == "dedicated":
+        dedicate_connection(client)
+    errors: list[BaseException] = []
+    fences: list[int] = []
+
+    def work(index: int) -> None:
+        try:
+            for round_ in range(100):
+                lock = DistributedLock(client, f"{name}:{index}", note_ttl=10)
+                assert lock.acquire() is True
+                assert isinstance(lock.fence, int) and lock.fence == round_ + 1
+                fences.append(lock.fence)
+                assert lock.release(note=f"{index}:{round_}") is True
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert len(fences) == 600
+    client.close()
+
+
+class CountingPool(redis.ConnectionPool):
+    checkouts = 0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.checkouts += 1
+        return super().get_connection(*args, **kwargs)
+
+
+def test_a_dedicated_client_checks_out_one_connection_for_all_its_scripts(redis_url: str, name: str) -> None:
+    pool = CountingPool.from_url(redis_url)
+    client = redis.Redis(connection_pool=pool)
+    dedicate_connection(client)
+    for _ in range(5):
+        lock = DistributedLock(client, name, auto_renewal=True)
+        assert lock.acquire() and lock.extend(5) and lock.release()
+    assert pool.checkouts == 1
+    assert client.get(f"{name}:other") is None  # other commands: the pool, as usual
+    assert pool.checkouts == 2
+    pool.disconnect()
+
+
+def test_a_dedicated_connection_is_taken_at_the_first_script(own_redis: RedisServer, name: str) -> None:
+    """Not when the client is made: an unreachable Redis is an error of a lock command."""
+    own_redis.kill()
+    try:
+        client = redis.Redis.from_url(own_redis.url, socket_connect_timeout=1)
+        dedicate_connection(client)  # nothing to connect to, and no error
+        lock = DistributedLock(client, name)
+        with pytest.raises(LockBackendUnavailable):
+            lock.acquire()
+    finally:
+        own_redis.start()
+    assert lock.acquire() and lock.release()
+    client.close()
+
+
+def test_a_dedicated_connection_the_server_closed_while_idle_is_replaced_without_a_retry(
+    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like a pool checkout, a dedicated connection left idle is checked before it is used."""
+    admin = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
+    dedicate_connection(client)
+    lock = DistributedLock(client, name)
+    assert lock.acquire() and lock.release()
+    kill_client(admin, next_connection_id(client))
+    monkeypatch.setattr(channel_module, "IDLE_CHECK_AFTER", 0.0)  # instead of waiting a second
+    assert lock.acquire(), "the dead connection was used"
+    assert admin.get(lock.keys.lock) == lock.token.encode()
+    assert lock.release()
+    client.close()
+    admin.close()
 
 
 def test_a_tracing_wrapper_on_redis_py_keeps_seeing_the_lock_commands(

@@ -9,6 +9,7 @@ import os
 import threading
 from typing import Any
 
+from celery_dlock.channel import dedicate_connection
 from celery_dlock.connection import check_redis_url, client_options, redis_url_from_env
 from celery_dlock.keys import DEFAULT_PREFIX, check_prefix
 
@@ -46,13 +47,25 @@ _clients_lock = threading.Lock()
 
 
 def redis_client_for_app(app: Any) -> Any:
-    """One redis-py client per process and lock URL for ``app`` (fork-safe: keyed by pid)."""
-    import redis
+    """One redis-py client per process and lock URL for ``app`` (fork-safe: keyed by pid).
 
+    The lock's scripts on it (a task run's acquire and release, the watchdog's
+    renewals) keep one connection (:func:`celery_dlock.channel.dedicate_connection`)
+    instead of checking one out of the pool for each, which costs a pool process
+    more CPU than the lock's own work does. A Celery pool process runs one task at a
+    time, so nothing waits for that connection; with a thread pool the threads take
+    turns on it. Other commands, pipelines and waiters' pub/sub use the pool.
+    """
     url = lock_redis_url(app.conf)
     key = (os.getpid(), url)
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    import redis
+
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             client = _clients[key] = redis.Redis.from_url(url, **client_options())
+            dedicate_connection(client)
         return client

@@ -17,7 +17,9 @@ kills the child), polling for up to ``lock_timeout`` in a small thread.
 
 Celery may take seconds to notice a dead pool process (see :class:`ChildWatch`),
 so the request class also starts a watcher that looks at the processes of the
-active locked requests, and releases as soon as one is gone. If the whole
+active locked requests, and releases as soon as one is gone. A request ended by
+``revoke(terminate=True)`` leaves the active set at once, so its ``terminate``
+hands it to the same wait-until-gone release. If the whole
 worker dies instead, the lease simply runs out, ``lock_timeout`` after the last
 renewal.
 
@@ -208,6 +210,15 @@ def locked_request_class(base: type) -> type:
             def on_accepted(self, pid: int, time_accepted: float) -> Any:
                 _child_watch.ensure_started()
                 return super().on_accepted(pid, time_accepted)
+
+            def terminate(self, pool: Any, signal: Any = None) -> Any:
+                # revoke(terminate=True) of a running request: Celery marks it done at once
+                # (the watcher no longer sees it) and may report the death seconds later.
+                running = bool(self.time_start and self.worker_pid)
+                result = super().terminate(pool, signal)
+                if running:
+                    release_abandoned(self, Terminated(signal))  # once the process is gone
+                return result
 
             def on_timeout(self, soft: bool, timeout: float) -> Any:
                 result = super().on_timeout(soft, timeout)
