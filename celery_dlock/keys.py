@@ -71,7 +71,10 @@ class LockKeys:
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
         lock = f"{prefix}{{{name}}}"
         fence, waiters = f"{lock}:fence", f"{lock}:waiters"
-        return cls(
+        # What cls(lock=lock, ...) makes, without a frozen dataclass's object.__setattr__
+        # per field: keys are built per lock, so per Celery task run.
+        keys = object.__new__(cls)
+        keys.__dict__.update(
             lock=lock,
             fence=fence,
             waiters=waiters,
@@ -79,6 +82,7 @@ class LockKeys:
             acquire_keys=(lock, fence, waiters),
             release_keys=(lock, waiters, fence),
         )
+        return keys
 
     def extension(self, name: str) -> str:
         """A key for layers built on the lock (same hash tag), in a namespace the core never uses."""

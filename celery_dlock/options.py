@@ -114,7 +114,11 @@ class LockOptions:
             raise TypeError(
                 f"on_lost must be a callable taking the lock, got {type(on_lost).__name__}: {on_lost!r}"
             )
-        return cls(name=name, on_lost=on_lost, **checked)
+        # What cls(name=name, on_lost=on_lost, **checked) makes, without a frozen dataclass's
+        # object.__setattr__ per field: a lock is built per Celery task run.
+        options = object.__new__(cls)
+        options.__dict__.update(checked, name=name, on_lost=on_lost)
+        return options
 
 
 # Locks are often made over and over with the same settings (a Celery task makes

@@ -177,3 +177,34 @@ def test_remembered_checks_never_accept_a_value_of_another_type(r: redis.Redis) 
         DistributedLock(r, "typed", timeout=1, auto_renewal=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"timeout.*\[1\]"):
         DistributedLock(r, "typed", timeout=[1])  # type: ignore[arg-type]
+
+
+def test_options_and_keys_built_per_lock_equal_what_their_constructors_make() -> None:
+    """LockOptions.build and LockKeys.for_name fill the frozen dataclasses directly (speed):
+    every field must be set, to the value the constructor would get."""
+    import dataclasses
+
+    from celery_dlock.keys import LockKeys
+    from celery_dlock.options import LockOptions
+
+    def on_lost(lock: object) -> None:
+        pass
+
+    built = LockOptions.build("n", timeout=3, auto_renewal=True, on_lost=on_lost, note_ttl=5, max_lease=9)
+    fields = {f.name: getattr(built, f.name) for f in dataclasses.fields(LockOptions)}
+    assert set(vars(built)) == set(fields)
+    assert built == LockOptions(**fields)
+    assert (built.name, built.timeout_ms, built.on_lost, built.note_ttl) == ("n", 3000, on_lost, 5.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.timeout = 1  # type: ignore[misc]
+
+    keys = LockKeys.for_name("job", "p:")
+    expected = LockKeys(
+        lock="p:{job}",
+        fence="p:{job}:fence",
+        waiters="p:{job}:waiters",
+        note="p:{job}:note",
+        acquire_keys=("p:{job}", "p:{job}:fence", "p:{job}:waiters"),
+        release_keys=("p:{job}", "p:{job}:waiters", "p:{job}:fence"),
+    )
+    assert keys == expected and set(vars(keys)) == {f.name for f in dataclasses.fields(LockKeys)}

@@ -83,6 +83,10 @@ def canonical(value: Any, where: str = "argument") -> Any:
     )
 
 
+# Exact types that canonical() returns unchanged (not their subclasses: bool, enums).
+_ALREADY_CANONICAL = frozenset({int, str, type(None)})
+
+
 def _canonical_dict_key(key: Any, where: str) -> str:
     # JSON turns every key into a string; do the same so {1: x} and {"1": x} agree.
     if isinstance(key, str):
@@ -94,9 +98,13 @@ def _canonical_dict_key(key: Any, where: str) -> str:
     raise TypeError(f"{where} has a dict key of type {type(key).__name__} ({key!r}); JSON keys are strings")
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical_json(value: Any) -> str:
-    """The one textual form of canonical data: sorted keys, no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """The one textual form of canonical data: sorted keys, no spaces (``json.dumps`` with
+    those options, from one encoder instead of a new one per call)."""
+    return _CANONICAL_JSON.encode(value)
 
 
 def digest(value: Any) -> str:
@@ -237,7 +245,10 @@ class ArgumentsKey(LockKey):
                 )
             chosen = {n: values[n] for n in self.names}
         data = {
-            name: canonical(value, f"argument {name!r} of {self.task_name}") for name, value in chosen.items()
+            name: value
+            if type(value) in _ALREADY_CANONICAL
+            else canonical(value, f"argument {name!r} of {self.task_name}")
+            for name, value in chosen.items()
         }
         return safe_name(f"{self.task_name}:{digest(data)}")
 

@@ -31,6 +31,7 @@ Two special cases:
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import time
 import uuid
@@ -165,7 +166,6 @@ class Acquisition:
         self.task_id: str = task_id or f"direct-{uuid.uuid4().hex}"
         self.owner = Owner.current(self.task_id, request.hostname)
         self.name = config.key.name_for(args, kwargs)
-        self.keys = LockKeys.for_name(self.name, config.prefix)
         self.started = time.monotonic()
         # Skip policy: a successful run leaves a note naming its call, and a call
         # requested while that identical call was queued or running is skipped
@@ -177,6 +177,11 @@ class Acquisition:
         elif self.notes:
             self.call = call_identity(task.name, args, kwargs)
         self.requested_at = requested_at(request) if self.call and not self.in_process else None
+
+    @functools.cached_property
+    def keys(self) -> LockKeys:
+        """The keys of the lock (only some outcomes need them; the lock object has its own)."""
+        return LockKeys.for_name(self.name, self.config.prefix)
 
     # -- the decision ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from celery_dlock.keys import LockKeys
@@ -37,7 +38,10 @@ class Owner:
     pid: int
 
     def suffix(self) -> str:
-        return SEPARATOR + json.dumps([self.task_id, self.hostname, self.pid], separators=(",", ":"))
+        # json.dumps([task_id, hostname, pid], separators=(",", ":")), without building
+        # an encoder on every call (once per task run)
+        task_id, hostname = encode_basestring_ascii(self.task_id), encode_basestring_ascii(self.hostname)
+        return f"{SEPARATOR}[{task_id},{hostname},{int(self.pid)}]"
 
     @classmethod
     def current(cls, task_id: str | None, hostname: str | None) -> Owner:

@@ -204,3 +204,24 @@ def test_binding_a_call_agrees_with_inspect_for_every_shape(function: Any) -> No
                 except TypeError:
                     got = TypeError
                 assert got == expected, (args, kwargs)
+
+
+def test_the_owner_suffix_is_the_compact_json_of_who_holds_the_lock() -> None:
+    """Workers of earlier versions wrote it with json.dumps: a main process must match either."""
+    import json
+
+    from celery_dlock.celery.tasklock import Owner
+
+    for owner in (Owner("abc-123", "celery@host", 42), Owner('t"\\é\u2603', "w\n@h", 7)):
+        expected = "|" + json.dumps([owner.task_id, owner.hostname, owner.pid], separators=(",", ":"))
+        assert owner.suffix() == expected
+        assert Owner.parse("token" + owner.suffix()) == owner
+
+
+def test_the_canonical_json_is_json_dumps_with_sorted_keys_and_no_spaces() -> None:
+    import json
+
+    from celery_dlock.celery.keys import canonical_json
+
+    value = {"b": [1, "é", None, 2.5], "a": {"z": True, "y": "\u2603"}}
+    assert canonical_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
