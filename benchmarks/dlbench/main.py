@@ -41,7 +41,7 @@ class Config:
     p3_seconds: dict[int, float] = field(default_factory=lambda: {1: 27.0, 100: 27.0, 1000: 27.0})
     p3_warmup: float = 3.0
     p4_tasks: int = 1000
-    p4_reps: int = 5
+    p4_reps: int = 9
     p5_calls: int = 100
     p5_copies: int = 10
     p5_slow: float = 0.25

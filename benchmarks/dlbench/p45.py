@@ -163,6 +163,8 @@ def run(url: str, prefix: str, p4_tasks: int, p4_reps: int, p5_calls: int, p5_co
         commands: dict[str, list[dict[str, int]]] = {name: [] for name in mod.P4_TASKS}
         worker_cpu: dict[str, list[float]] = {name: [] for name in mod.P4_TASKS}
         publisher_cpu: dict[str, list[float]] = {name: [] for name in mod.P4_TASKS}
+        redis_cpu: dict[str, list[float]] = {name: [] for name in mod.P4_TASKS}
+        redis_pid = int(r.info("server")["process_id"])  # the private server: a local process
         names = list(mod.P4_TASKS)
         for rep in range(p4_reps):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
@@ -173,12 +175,14 @@ def run(url: str, prefix: str, p4_tasks: int, p4_reps: int, p5_calls: int, p5_co
                 before = server.commandstats(r)
                 assert worker.proc is not None
                 cpu0, pub0 = _tree_cpu_seconds(worker.proc.pid), time.process_time()
+                redis0 = _tree_cpu_seconds(redis_pid)
                 t0 = time.perf_counter()
                 for k in range(p4_tasks):
                     task.delay(offset + k)
                 publisher_cpu[name].append((time.process_time() - pub0) / p4_tasks)
                 t1 = _wait_count(r, key, target, 300, worker)
                 worker_cpu[name].append((_tree_cpu_seconds(worker.proc.pid) - cpu0) / p4_tasks)
+                redis_cpu[name].append((_tree_cpu_seconds(redis_pid) - redis0) / p4_tasks)
                 rates[name].append(p4_tasks / (t1 - t0))
                 time.sleep(0.2)  # let the last tasks' releases land before counting commands
                 commands[name].append(server.command_delta(before, server.commandstats(r)))
@@ -192,6 +196,13 @@ def run(url: str, prefix: str, p4_tasks: int, p4_reps: int, p5_calls: int, p5_co
                 "ratio_to_plain": median([x / y for x, y in zip(rates[name], plain, strict=False)]),
                 "worker_cpu_ms_per_task": 1000 * (median(worker_cpu[name]) or 0.0),
                 "publisher_cpu_ms_per_task": 1000 * (median(publisher_cpu[name]) or 0.0),
+                "redis_cpu_ms_per_task": 1000 * (median(redis_cpu[name]) or 0.0),
+                # Everything the machine spent per task: the throughput of a CPU-bound run
+                # is the cores over this (median of per-repetition sums).
+                "all_cpu_ms_per_task": 1000 * (median(
+                    [w + p + s for w, p, s in zip(worker_cpu[name], publisher_cpu[name], redis_cpu[name],
+                                                  strict=True)]
+                ) or 0.0),
                 # Broker traffic included (the same for every variant); the difference is the lock's.
                 "redis_commands_per_task": median(
                     [sum(c.values()) / p4_tasks for c in commands[name]]

@@ -218,12 +218,15 @@ def markdown(results: dict[str, Any], chart_file: Path | None) -> str:
             continue
         if phase == "P4":
             lines += [f"{block['tasks']} trivial tasks with distinct arguments per variant; first publish "
-                      "to last task done. CPU per task from /proc (worker: main process + pool children).",
+                      "to last task done. CPU per task from /proc (worker: main process + pool children; "
+                      "all: worker + publisher + redis-server).",
                       "",
                       "| variant | tasks/s (median) | x plain | worker CPU ms/task | publisher CPU ms/task "
-                      "| Redis commands/task (incl. broker) |", "|---|---:|---:|---:|---:|---:|"]
+                      "| redis-server CPU ms/task | all CPU ms/task | Redis commands/task (incl. broker) |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
             lines += [f"| {k} | {_f(v['tasks_per_s'])} | {_f(v['ratio_to_plain'])} | "
                       f"{_f(v['worker_cpu_ms_per_task'])} | {_f(v['publisher_cpu_ms_per_task'])} | "
+                      f"{_f(v.get('redis_cpu_ms_per_task'))} | {_f(v.get('all_cpu_ms_per_task'))} | "
                       f"{_f(v['redis_commands_per_task'], 1)} |"
                       for k, v in block["variants"].items()]
         else:
