@@ -76,10 +76,14 @@ def script_channel(client: Any) -> ScriptChannel | None:
 
 def dedicate_connection(client: Any) -> None:
     """Have the lock's scripts on ``client`` keep one connection instead of a checkout per
-    script (see the module docstring). For a client nobody else shares with other pools'
-    rules: one made from a URL, with a plain ``ConnectionPool``. Ignored for clients the
-    channel does not understand."""
-    if _understood(client):
+    script (see the module docstring).
+
+    Meant for a long-lived client with a pool of its own, such as one made from a URL:
+    its pool counts the kept connection as in use for as long as the client lives.
+    Ignored for clients the channel does not understand, and for a
+    ``BlockingConnectionPool``, whose few connections others may be waiting for.
+    """
+    if _understood(client) and not isinstance(client.connection_pool, redis.BlockingConnectionPool):
         _channels[client] = ScriptChannel(client, dedicated=True)
 
 

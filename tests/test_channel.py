@@ -248,6 +248,18 @@ def test_a_dedicated_client_checks_out_one_connection_for_all_its_scripts(redis_
     pool.disconnect()
 
 
+def test_a_blocking_pool_is_never_dedicated(redis_url: str, name: str) -> None:
+    """Its few connections are for everyone: the channel keeps borrowing per script."""
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=2)
+    client = redis.Redis(connection_pool=pool)
+    dedicate_connection(client)
+    lock = DistributedLock(client, name)
+    assert lock.acquire()
+    assert client.set(f"{name}:body", 1)  # would wait 2 s and fail if the lock kept the connection
+    assert lock.release()
+    pool.disconnect()
+
+
 def test_a_dedicated_connection_is_taken_at_the_first_script(own_redis: RedisServer, name: str) -> None:
     """Not when the client is made: an unreachable Redis is an error of a lock command."""
     own_redis.kill()
