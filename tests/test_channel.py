@@ -22,8 +22,8 @@ from redis.retry import Retry
 from celery_dlock import DistributedLock
 from celery_dlock import channel as channel_module
 from celery_dlock.channel import dedicate_connection, script_channel
-from celery_dlock.errors import LockBackendUnavailable
 from celery_dlock.embedded import RedisServer
+from celery_dlock.errors import LockBackendUnavailable
 from tests.support.counting import CountingRedis
 from tests.support.proxy import ChaosProxy
 
@@ -214,7 +214,7 @@ def test_threads_take_turns_on_a_kept_connection(redis_url: str, name: str, kind
                 assert isinstance(lock.fence, int) and lock.fence == round_ + 1
                 fences.append(lock.fence)
                 assert lock.release(note=f"{index}:{round_}") is True
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]

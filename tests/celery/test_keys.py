@@ -224,4 +224,5 @@ def test_the_canonical_json_is_json_dumps_with_sorted_keys_and_no_spaces() -> No
     from celery_dlock.celery.keys import canonical_json
 
     value = {"b": [1, "é", None, 2.5], "a": {"z": True, "y": "\u2603"}}
-    assert canonical_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert canonical_json(value) == expected
