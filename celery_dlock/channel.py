@@ -13,8 +13,9 @@ writes the command, packed by :func:`pack_command`, and reads its reply itself:
 * **Retries.** A command is retried under the connection's own retry policy,
   disconnecting before each new try, as ``execute_command`` does (the lock scripts
   are written to be safe to run twice; see ``ACQUIRE``'s "already ours" path).
-* **No stale reply.** redis-py's connection disconnects itself when a read or a
-  send is interrupted, and the connection always goes back to the pool.
+* **No stale reply.** A command interrupted anywhere between its send and the end of
+  its reply (a timeout, or a signal handler's exception) disconnects its connection,
+  so no later command can read its reply.
 
 A checkout from redis-py's pool costs more CPU than the lock's own work (locks,
 metrics, a readiness check), so two kinds of client skip it:
@@ -24,15 +25,16 @@ metrics, a readiness check), so two kinds of client skip it:
   go through the pool, again as redis-py does);
 * a client given to :func:`dedicate_connection` (the Celery layer's own clients)
   keeps one pool connection for the lock's scripts, taken at the first script and
-  used under a lock of its own, like a single-connection client that connects
+  used by one call at a time, like a single-connection client that connects
   lazily, so that an unreachable Redis shows up as an error of a lock command.
   Its other commands use the pool as usual.
 
 A single-connection client's connection is used as redis-py uses it (a connection
 the server closed fails its command, and the retry policy sends it again). A
-dedicated connection idle for more than ``IDLE_CHECK_AFTER`` seconds first gets the
-pool's readiness check, so a connection the server closed meanwhile (a restart,
-an idle timeout) is replaced even without retries, as a pool checkout would.
+dedicated connection gets the pool's check-out check before every use, so one the
+server closed (a restart, ``CLIENT KILL``, an idle timeout) is replaced even without
+retries, as a checkout would; while it is busy (another thread, or a signal handler
+re-entering), a script borrows from the pool as usual.
 
 Acquire, release and the watchdog's batched renewals all use it. Clients it does
 not understand get ``None`` from :func:`script_channel` and keep using
@@ -47,16 +49,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import DataError
-
-#: A dedicated connection unused for longer than this is checked before it is used again.
-IDLE_CHECK_AFTER = 1.0
 
 _channels: weakref.WeakKeyDictionary[Any, ScriptChannel | None] = weakref.WeakKeyDictionary()
 
@@ -79,12 +77,27 @@ def dedicate_connection(client: Any) -> None:
     script (see the module docstring).
 
     Meant for a long-lived client with a pool of its own, such as one made from a URL:
-    its pool counts the kept connection as in use for as long as the client lives.
-    Ignored for clients the channel does not understand, and for a
-    ``BlockingConnectionPool``, whose few connections others may be waiting for.
+    its pool counts the kept connection as in use for as long as the client lives (a
+    client dropped while others share its pool leaves that connection behind). Ignored
+    for clients the channel does not understand, a ``BlockingConnectionPool``, a pool of
+    fewer than ``MIN_POOL_FOR_DEDICATED`` connections, and a streaming credential provider.
     """
-    if _understood(client) and not isinstance(client.connection_pool, redis.BlockingConnectionPool):
+    if _understood(client) and _may_dedicate(client.connection_pool):
         _channels[client] = ScriptChannel(client, dedicated=True)
+
+
+#: A pool with fewer connections than this keeps them all for the client's other commands.
+MIN_POOL_FOR_DEDICATED = 10
+
+
+def _may_dedicate(pool: Any) -> bool:
+    if isinstance(pool, redis.BlockingConnectionPool):  # its few connections are for everyone
+        return False
+    if getattr(pool, "max_connections", MIN_POOL_FOR_DEDICATED) < MIN_POOL_FOR_DEDICATED:
+        return False
+    # Streaming credentials re-authenticate a connection as it goes back to the pool,
+    # which a kept connection never does.
+    return pool.connection_kwargs.get("credential_provider") is None
 
 
 def _understood(client: Any) -> bool:
@@ -145,9 +158,8 @@ class ScriptChannel:
         # weak dict keyed by the client), read on each call, as close() may drop it.
         self._single: Callable[[], Any] = weakref.ref(client) if client.connection is not None else _no_client
         # dedicate_connection(): the kept connection (None until the first script) and its lock.
-        self._dedicated_lock = threading.RLock() if dedicated else None
+        self._dedicated_lock = threading.Lock() if dedicated else None
         self._dedicated: Any = None
-        self._dedicated_used_at = 0.0
         if dedicated:
             _dedicated_channels.add(self)
         kwargs = self._pool.connection_kwargs
@@ -186,15 +198,19 @@ class ScriptChannel:
                 conn = client.connection
                 if conn is not None:
                     return _on_kept_connection(conn, packed, read)
-        if self._dedicated_lock is not None:
-            with self._dedicated_lock:
-                conn, now = self._dedicated, time.monotonic()
+        dedicated_lock = self._dedicated_lock
+        # Busy (another thread, or this one re-entered from a signal handler while it
+        # waits for a reply): borrow from the pool instead of waiting or crossing replies.
+        if dedicated_lock is not None and dedicated_lock.acquire(blocking=False):
+            try:
+                conn = self._dedicated
                 if conn is None:
                     conn = self._dedicated = self._pool.get_connection()
-                elif now - self._dedicated_used_at > IDLE_CHECK_AFTER and not _ready(conn):
-                    conn.disconnect()  # the send below connects again
-                self._dedicated_used_at = now
+                else:
+                    _make_ready(conn, self._pool)
                 return _on_kept_connection(conn, packed, read)
+            finally:
+                dedicated_lock.release()
         conn = self._pool.get_connection()
         try:
             return _send_and_read(conn, packed, read)
@@ -210,7 +226,16 @@ def _send_and_read(conn: Any, packed: bytes, read: Callable[[Any], Any]) -> Any:
         conn.send_packed_command([packed])
         return read(conn)
 
-    return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+    try:
+        return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+    except redis.ResponseError:
+        raise  # a whole error reply was read: the connection is in step
+    except BaseException:
+        # Interrupted anywhere between the send and the end of the read (a signal
+        # handler's exception, e.g. a soft time limit, may land between the two): a
+        # reply may still be on its way, so the connection must not serve another command.
+        conn.disconnect()
+        raise
 
 
 def _on_kept_connection(conn: Any, packed: bytes, read: Callable[[Any], Any]) -> Any:
@@ -223,12 +248,18 @@ def _on_kept_connection(conn: Any, packed: bytes, read: Callable[[Any], Any]) ->
             conn.disconnect()
 
 
-def _ready(conn: Any) -> bool:
-    """The pool's readiness check: connected, nothing unread, not closed by the server."""
+def _make_ready(conn: Any, pool: Any) -> None:
+    """The pool's check-out check on a kept connection: one the server closed, or with
+    unread data (not a push message of maintenance notifications), is dropped, and the
+    send connects again."""
     try:
-        return not conn.can_read()
+        unread = conn.can_read()
     except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return False
+        conn.disconnect()
+        return
+    notifications = getattr(pool, "maint_notifications_enabled", None)
+    if unread and not (notifications is not None and notifications()):
+        conn.disconnect()
 
 
 def _no_client() -> None:
@@ -243,7 +274,7 @@ def _forget_dedicated_in_child() -> None:
     # by another thread at the fork: a child starts with neither.
     for channel in list(_dedicated_channels):
         channel._dedicated = None
-        channel._dedicated_lock = threading.RLock()
+        channel._dedicated_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_dedicated_in_child)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
 import threading
 import uuid
 from typing import Any
@@ -20,7 +21,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_dlock import DistributedLock
-from celery_dlock import channel as channel_module
 from celery_dlock.channel import dedicate_connection, script_channel
 from celery_dlock.embedded import RedisServer
 from celery_dlock.errors import LockBackendUnavailable
@@ -275,22 +275,113 @@ def test_a_dedicated_connection_is_taken_at_the_first_script(own_redis: RedisSer
     client.close()
 
 
-def test_a_dedicated_connection_the_server_closed_while_idle_is_replaced_without_a_retry(
-    redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+def test_a_dedicated_connection_the_server_closed_is_replaced_without_a_retry(
+    redis_url: str, name: str
 ) -> None:
-    """Like a pool checkout, a dedicated connection left idle is checked before it is used."""
+    """Like a pool checkout, a dedicated connection is checked before every use."""
     admin = redis.Redis.from_url(redis_url)
     client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
     dedicate_connection(client)
     lock = DistributedLock(client, name)
     assert lock.acquire() and lock.release()
     kill_client(admin, next_connection_id(client))
-    monkeypatch.setattr(channel_module, "IDLE_CHECK_AFTER", 0.0)  # instead of waiting a second
     assert lock.acquire(), "the dead connection was used"
     assert admin.get(lock.keys.lock) == lock.token.encode()
     assert lock.release()
     client.close()
     admin.close()
+
+
+def _interrupt_the_next_read() -> None:
+    """Raise in the caller just before redis-py starts reading a reply (after the send), as a
+    signal handler's exception can (Celery's soft time limit, KeyboardInterrupt)."""
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if event == "call" and code.co_name == "read_response" and code.co_filename == connection_file:
+            sys.settrace(None)
+            raise Interrupted("between the send and the read")
+        return None
+
+    connection_file = redis.connection.__file__
+    sys.settrace(tracer)
+
+
+@pytest.mark.parametrize("dedicated", [False, True], ids=["pool", "dedicated"])
+def test_a_reply_left_unread_by_an_interruption_is_never_read_by_the_next_command(
+    redis_url: str, name: str, dedicated: bool
+) -> None:
+    """An integer reply read out of turn would mean "acquired": here, of a lock someone else holds."""
+    client = redis.Redis.from_url(redis_url)
+    if dedicated:
+        dedicate_connection(client)
+    other = redis.Redis.from_url(redis_url)
+    theirs = DistributedLock(other, f"{name}:b", timeout=30)
+    assert theirs.acquire(blocking=False)
+    warm = DistributedLock(client, f"{name}:warm")
+    assert warm.acquire() and warm.release()
+    first = DistributedLock(client, f"{name}:a")
+    _interrupt_the_next_read()
+    try:
+        with pytest.raises(Interrupted):
+            first.acquire(blocking=False)
+    finally:
+        sys.settrace(None)
+    assert DistributedLock(client, f"{name}:b", timeout=30).acquire(blocking=False) is False
+    assert theirs.is_locked_by_me()
+    assert DistributedLock(client, f"{name}:c").acquire(blocking=False) is True
+    client.close()
+    other.close()
+
+
+SLOW_SCRIPT = (
+    "local t = redis.call('TIME'); local s = t[1] * 1e6 + t[2]; "
+    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 300000; return 'slow'"
+)
+
+
+def test_a_signal_handler_using_the_dedicated_connection_meanwhile_gets_its_own_reply(
+    redis_url: str,
+) -> None:
+    """Re-entered while it waits for a reply, the channel borrows from the pool instead."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    dedicate_connection(client)
+    channel = script_channel(client)
+    assert channel is not None
+    got: dict[str, Any] = {}
+
+    def handler(*_: Any) -> None:
+        got["handler"] = channel.execute("ECHO", "from the handler")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        got["main"] = channel.execute("EVAL", SLOW_SCRIPT, 0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert got == {"handler": b"from the handler", "main": b"slow"}
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda url: redis.Redis.from_url(url + "?max_connections=2"),
+        lambda url: redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=20)
+        ),
+    ],
+    ids=["few-connections", "blocking-pool"],
+)
+def test_small_or_blocking_pools_are_never_dedicated(redis_url: str, name: str, make: Any) -> None:
+    client = make(redis_url)
+    dedicate_connection(client)
+    channel = script_channel(client)
+    assert channel is not None and channel._dedicated_lock is None
+    lock = DistributedLock(client, name)
+    assert lock.acquire() and client.set(f"{name}:body", 1) and lock.release()
+    client.close()
 
 
 def test_a_tracing_wrapper_on_redis_py_keeps_seeing_the_lock_commands(

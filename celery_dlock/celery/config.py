@@ -66,6 +66,7 @@ def redis_client_for_app(app: Any) -> Any:
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = redis.Redis.from_url(url, **client_options())
-            dedicate_connection(client)
+            client = redis.Redis.from_url(url, **client_options())
+            dedicate_connection(client)  # before any other thread can see the client
+            _clients[key] = client
         return client

@@ -40,8 +40,10 @@ class Owner:
     def suffix(self) -> str:
         # json.dumps([task_id, hostname, pid], separators=(",", ":")), without building
         # an encoder on every call (once per task run)
+        if type(self.task_id) is not str or type(self.hostname) is not str or type(self.pid) is not int:
+            return SEPARATOR + json.dumps([self.task_id, self.hostname, self.pid], separators=(",", ":"))
         task_id, hostname = encode_basestring_ascii(self.task_id), encode_basestring_ascii(self.hostname)
-        return f"{SEPARATOR}[{task_id},{hostname},{int(self.pid)}]"
+        return f"{SEPARATOR}[{task_id},{hostname},{self.pid}]"
 
     @classmethod
     def current(cls, task_id: str | None, hostname: str | None) -> Owner:
