@@ -251,7 +251,10 @@ def _on_kept_connection(conn: Any, packed: bytes, read: Callable[[Any], Any]) ->
 def _make_ready(conn: Any, pool: Any) -> None:
     """The pool's check-out check on a kept connection: one the server closed, or with
     unread data (not a push message of maintenance notifications), is dropped, and the
-    send connects again."""
+    send connects again. A disconnected one is left to the send (can_read would connect
+    it, and an unreachable server would then cost two connect timeouts)."""
+    if getattr(conn, "is_connected", True) is False:
+        return
     try:
         unread = conn.can_read()
     except (redis.ConnectionError, redis.TimeoutError, OSError):
