@@ -53,8 +53,9 @@ def redis_client_for_app(app: Any) -> Any:
     renewals) keep one connection (:func:`celery_dlock.channel.dedicate_connection`)
     instead of checking one out of the pool for each, which costs a pool process
     more CPU than the lock's own work does. A Celery pool process runs one task at a
-    time, so nothing waits for that connection; with a thread pool the threads take
-    turns on it. Other commands, pipelines and waiters' pub/sub use the pool.
+    time, so nothing waits for that connection; with a thread pool, a thread that finds
+    it busy borrows one from the pool. Other commands, pipelines and waiters' pub/sub
+    use the pool.
     """
     url = lock_redis_url(app.conf)
     key = (os.getpid(), url)
