@@ -148,8 +148,14 @@ class RedisServer:
 
 
 def ensure_redis_url(default: str = "redis://127.0.0.1:6379/0") -> str:
-    """``REDIS_URL`` if set and reachable, else ``default`` if reachable, else a new embedded server's URL."""
-    for url in (os.environ.get("REDIS_URL"), default):
-        if url and is_reachable(url):
-            return url
+    """The Redis to use: ``REDIS_URL`` when set (an error if it does not answer - the user
+    named that server, so another one would be a silent guess), else ``default`` if it
+    answers, else a new embedded server's URL."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        if not is_reachable(url, timeout=2.0):
+            raise RuntimeError(f"REDIS_URL={url!r}: no Redis server answers PING there")
+        return url
+    if is_reachable(default):
+        return default
     return RedisServer().start().url

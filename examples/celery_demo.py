@@ -2,8 +2,9 @@
 
     python -m examples.celery_demo
 
-Uses ``REDIS_URL`` (or localhost:6379) if a Redis answers there, else starts an
-embedded ``redis-server``. Starts two prefork workers (2 processes each) on a
+Uses ``REDIS_URL`` when set (an error if no Redis answers there); unset, localhost:6379
+if a Redis answers there, else an embedded ``redis-server`` it starts.
+Starts two prefork workers (2 processes each) on a
 private queue, sends duplicate and concurrent calls, prints what happened, and
 exits non-zero if anything did not behave as promised. Leaves nothing behind.
 Set ``DEMO_WORKER_LOGLEVEL=INFO`` to see the workers' log lines (skips are

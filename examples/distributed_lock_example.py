@@ -2,8 +2,9 @@
 
     python -m examples.distributed_lock_example      # or: python examples/distributed_lock_example.py
 
-Uses ``REDIS_URL`` (or localhost:6379) when a server answers there, otherwise
-starts a private embedded ``redis-server`` for the duration of the demo. All
+Uses ``REDIS_URL`` when set (an error if no Redis answers there); unset, localhost:6379
+when a server answers there, otherwise a private embedded ``redis-server`` for the
+duration of the demo. All
 keys live under a per-run prefix, and every lock is released at the end.
 """
 
