@@ -23,13 +23,16 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 INBOX_ID_BYTES = 8  # 64 random bits: unique among the processes sharing a server
 
-# A handover whose waiter had not registered yet (its queueing attempt was still
-# being answered) is kept this long, for that waiter to find when it registers.
+# How long a waiter waits for the server to confirm its process's first SUBSCRIBE
+# before falling back to retrying on its timer alone.
+CONFIRM_TIMEOUT = 2.0
+
+# A release message whose waiter had not registered yet (its queueing attempt was
+# still being answered) is kept this long, for that waiter to find when it registers.
 UNCLAIMED_KEEP = 5.0
 UNCLAIMED_MAX = 1024
 
@@ -41,34 +44,37 @@ class Wakeable(Protocol):
 W = TypeVar("W", bound=Wakeable)
 
 
-@dataclass(frozen=True)
-class Handover:
-    """What a release told a waiter it handed the lock to: the new fence, and the
-    score of the queue entry it popped (the waiter's queued attempts report it)."""
+def message_text(value: object) -> str:
+    """A pub/sub message field as text, whatever the client's decode_responses.
 
-    fence: int
-    score: str
+    Anyone allowed to publish can put any bytes on a channel: undecodable bytes are
+    replaced, never raised (an exception would stop the reader, and every later
+    wake-up of the process with it).
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
-def parse_handover(payload: str) -> tuple[str, Handover | None]:
-    """The token and handover of a message ``'<fence>:<score>:<token>'`` (the RELEASE script's)."""
+def handover_token(payload: str) -> str:
+    """The token a release message ``'<fence>:<score>:<token>'`` (the RELEASE script's) is for.
+
+    The message only wakes that token's waiter, which then asks the server: a lock
+    is granted by what the server holds, never by a message (anyone who may publish
+    could forge one). A payload of another shape is taken as a bare token.
+    """
     fence, _, rest = payload.partition(":")
-    score, _, token = rest.partition(":")
+    _score, _, token = rest.partition(":")
     if not token or not fence.isdigit():
-        return payload, None  # not ours to read: wake the token, without a handover
-    return token, Handover(int(fence), score)
+        return payload
+    return token
 
 
 class Waiter(Generic[W]):
-    """One blocked acquirer: its wake-up, and the handover that woke it (if any)."""
+    """One blocked acquirer: the event a release message for its token sets."""
 
     def __init__(self, wake: W) -> None:
         self.wake = wake
-        self.handover: Handover | None = None
-
-    def take_handover(self) -> Handover | None:
-        handover, self.handover = self.handover, None
-        return handover
 
 
 def inbox_channel(prefix: str, inbox_id: str) -> str:
@@ -118,8 +124,8 @@ class WaiterRegistry(Generic[W]):
         self.inboxes: dict[str, Inbox[W]] = {}  # by channel
         self._make_event = make_event
         self._waiters: dict[str, Waiter[W]] = {}
-        # token -> (when it arrived, the handover)
-        self._unclaimed: OrderedDict[str, tuple[float, Handover | None]] = OrderedDict()
+        # token -> when a release message for it arrived before its waiter registered
+        self._unclaimed: OrderedDict[str, float] = OrderedDict()
         # Bumped on every connection loss: a subscription confirmed in an older
         # generation may have missed messages.
         self.generation = 0
@@ -137,9 +143,7 @@ class WaiterRegistry(Generic[W]):
     def register(self, token: str, waiter: Waiter[W]) -> None:
         """Wake ``waiter`` when ``token`` is handed a lock (at once, if that already happened)."""
         self._waiters[token] = waiter
-        unclaimed = self._unclaimed.pop(token, None)
-        if unclaimed is not None:
-            waiter.handover = unclaimed[1]
+        if self._unclaimed.pop(token, None) is not None:
             waiter.wake.set()
 
     def unregister(self, token: str) -> None:
@@ -160,19 +164,27 @@ class WaiterRegistry(Generic[W]):
         inbox.live_generation = self.generation
         inbox.confirmed.set()
 
+    def on_message(self, message: dict[Any, Any]) -> None:
+        """One message the pub/sub reader read (``get_message``'s dict): a release's
+        wake-up, or the server's confirmation of a subscription; anything else is ignored."""
+        kind = message_text(message.get("type", ""))
+        if kind == "message":
+            self.handed_over(message_text(message.get("data", "")))
+        elif kind == "subscribe":
+            self.confirmed(message_text(message.get("channel", "")))
+
     def handed_over(self, payload: str) -> None:
         """A release handed a lock to a token of ours: wake its waiter, or keep the news for it."""
         self.messages += 1
-        token, handover = parse_handover(payload)
+        token = handover_token(payload)
         waiter = self._waiters.get(token)
         if waiter is not None:
-            waiter.handover = handover
             waiter.wake.set()
             return
         now = time.monotonic()
-        self._unclaimed[token] = (now, handover)
+        self._unclaimed[token] = now
         while self._unclaimed:
-            oldest_token, (received, _) = next(iter(self._unclaimed.items()))
+            oldest_token, received = next(iter(self._unclaimed.items()))
             if len(self._unclaimed) <= UNCLAIMED_MAX and now - received <= UNCLAIMED_KEEP:
                 break
             del self._unclaimed[oldest_token]

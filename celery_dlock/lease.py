@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_dlock.errors import LockError, LockLost
-from celery_dlock.inbox import Handover
 from celery_dlock.keys import LockKeys
 from celery_dlock.options import LockOptions, check_seconds, to_millis
-from celery_dlock.scripts import ACQUIRE, HANDOFF_WINDOW_MS, JOIN, RELEASE, TRY, BoundScript
+from celery_dlock.scripts import ACQUIRE, JOIN, RELEASE, TRY, BoundScript
 
 logger = logging.getLogger("celery_dlock")
 
@@ -74,9 +73,6 @@ class AcquireReply:
     acquired: bool
     remaining_ms: int | None = None  # lease left on the other holder's lock; -1: no expiry
     error: LockError | None = None  # Redis unreachable: a blocking waiter keeps trying
-    # A queued attempt: the score of the waiter's queue entry, and when the attempt
-    # was sent. A handover naming that score happened after that moment.
-    queued: tuple[str, float] | None = None
 
     def give_up(self) -> bool:
         """What acquire returns when no attempt is left: False, or the last error raised."""
@@ -175,9 +171,8 @@ class LockCore:
         self._lost_notified = False
         self._trusted_until = 0.0
         # Whether the watchdog watches every acquisition of this lock (auto_renewal
-        # or on_lost); _tracked: whether it watches the current one (also true for
-        # an adopted handover, whose short lease it lengthens), so release must stop
-        # its renewal first.
+        # or on_lost); _tracked: whether it watches the current one, so release must
+        # stop its renewal first.
         self._watched = self.options.auto_renewal or self.options.on_lost is not None
         self._tracked = False
 
@@ -278,7 +273,12 @@ class LockCore:
         """Read the ACQUIRE script's answer to an attempt sent at ``sent_at``.
 
         An integer is the fence of an acquisition, which is recorded here; otherwise
-        it is [ms until it is worth trying again].
+        it is [ms until it is worth trying again] (and, for a queued attempt, the
+        queue entry's score, which the lock does not need).
+
+        Every acquisition, a handed-over one included, is recorded here, from the
+        reply of an attempt that set the full lease: a release hands the lock over
+        with a short lease only, which the waiter's next attempt confirms.
         """
         if isinstance(reply, int):
             self._acquired(token, reply, sent_at)
@@ -288,34 +288,7 @@ class LockCore:
             note = reply[1]
             self._note = note.decode("utf-8", "replace") if isinstance(note, bytes) else note
             return ACQUIRED
-        if len(reply) == 3:  # {ms, 'queued', score}
-            score = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
-            return AcquireReply(acquired=False, remaining_ms=int(reply[0]), queued=(score, sent_at))
         return AcquireReply(acquired=False, remaining_ms=int(reply[0]))
-
-    def _adopt(self, token: str, handover: Handover | None, queued: tuple[str, float] | None) -> float | None:
-        """Take a lock a release handed to ``token`` as it is, without a round trip.
-
-        The release made us the holder with a lease of HANDOFF_WINDOW_MS, starting
-        after our last queued attempt that saw the same queue score was sent (an
-        attempt that ran after the handover would have found the lock ours, not
-        queued us). So that send time is a safe start for the lease. Adopted only if
-        at least half of that short lease is left and the lock keeps no notes (the
-        note comes with an attempt); otherwise the caller confirms with an attempt.
-        Returns when the watchdog should lengthen the lease, or None if not adopted.
-        """
-        if handover is None or queued is None or handover.score != queued[0]:
-            return None
-        if self.options.note_ttl is not None:
-            return None
-        until = trusted_until(queued[1], HANDOFF_WINDOW_MS)
-        now = time.monotonic()
-        if until - now < HANDOFF_WINDOW_MS / 2000:
-            return None
-        self._acquired(token, handover.fence, queued[1])
-        self._trusted_until = until
-        # Lengthen the lease half-way through what is left of it, unless released first.
-        return now + (until - now) / 2
 
     def _acquired(self, token: str, fence: int, sent_at: float) -> None:
         self._token = token

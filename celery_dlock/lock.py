@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from celery_dlock.channel import script_channel
 from celery_dlock.connection import describe_server
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
-from celery_dlock.inbox import Handover, Inbox
+from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
     RENEWAL_DRAIN_WAIT,
@@ -182,27 +182,19 @@ class DistributedLock(LockCore):
             if not plan.may_retry(time.monotonic()):
                 return self._give_up(token, member, reply)
             with notifier.watch(inbox, token) as waiter:
-                # (score, send time) of our latest queued attempt: what a handover is checked against
-                queued: tuple[str, float] | None = None
                 if live is None or inbox.live_generation != live:
                     # Queued before this process's inbox was (still) subscribed: a
                     # handover may already have happened unheard.
                     reply = self._attempt(token, WAIT, member)
                 while not reply.acquired:
-                    if reply.error is not None:
-                        # The failed attempt abandoned (left the queue, freed a lock handed
-                        # to us): no handover before it may be adopted.
-                        queued = None
-                        waiter.take_handover()
-                    else:
-                        queued = reply.queued or queued
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
                         return self._give_up(token, member, reply)
+                    # Woken by a release that handed the lock to us, by a lost inbox
+                    # connection, or by the timer: the next attempt finds out which. It
+                    # confirms a hand-over (whose lease is short) with the full lease.
                     waiter.wake.wait(wait)
                     waiter.wake.clear()
-                    if self._adopted(token, waiter.take_handover(), queued):
-                        return True
                     reply = self._attempt(token, WAIT, member)
         except BaseException:
             if self._token != token:  # interrupted while waiting: leave the queue
@@ -218,15 +210,6 @@ class DistributedLock(LockCore):
             notifier = notifier_for(self.redis)
             cached = self._inbox_cache = (generation, notifier, notifier.inbox(self.options.prefix))
         return cached[1], cached[2]
-
-    def _adopted(self, token: str, handover: Handover | None, queued: tuple[str, float] | None) -> bool:
-        """Whether a handover made us the holder with no further round trip (see LockCore._adopt)."""
-        lengthen_at = self._adopt(token, handover, queued)
-        if lengthen_at is None:
-            return False
-        self._tracked = True
-        get_watchdog().track(self, lengthen_at)
-        return True
 
     def _give_up(self, token: str, member: bytes, reply: AcquireReply) -> bool:
         # Leave the queue, so no release hands the lock to us, and free the lock if

@@ -24,19 +24,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.inbox import Inbox, Waiter, WaiterRegistry
+from celery_dlock.inbox import CONFIRM_TIMEOUT, Inbox, Waiter, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
-
-# How long a waiter waits for the server to confirm its process's first SUBSCRIBE
-# before falling back to retrying on its timer alone.
-CONFIRM_TIMEOUT = 2.0
-
-
-def message_text(value: Any) -> str:
-    """A pub/sub message field as text, whatever the client's decode_responses."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class ReleaseNotifier:
     """One pub/sub connection and reader thread shared by all waiters of a process."""
@@ -113,14 +103,9 @@ class ReleaseNotifier:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            if message is None:
-                continue
-            kind = message_text(message.get("type", ""))
-            with self._mutex:
-                if kind == "message":
-                    self._registry.handed_over(message_text(message.get("data", "")))
-                elif kind == "subscribe":
-                    self._registry.confirmed(message_text(message.get("channel", "")))
+            if message is not None:
+                with self._mutex:
+                    self._registry.on_message(message)
 
 
 _notifiers: dict[tuple[Any, ...], ReleaseNotifier] = {}

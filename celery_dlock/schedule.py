@@ -23,9 +23,6 @@ class _Entry:
     lock: LockCore
     renew: bool
     next_renewal: float
-    # An adopted handover of a lock that is not auto-renewed: renewed once, to its
-    # full lease, then only watched (on_lost) or forgotten.
-    once: bool = False
 
 
 @dataclass
@@ -61,21 +58,15 @@ class RenewalSchedule:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def track(self, lock: LockCore, now: float, lengthen_at: float | None = None) -> float:
+    def track(self, lock: LockCore, now: float) -> float:
         """Start watching ``lock``; returns when it first needs the watchdog.
 
-        ``lengthen_at``: the lock was adopted from a handover with a short lease;
-        renew it to its full lease then (once, if it is not auto-renewed).
         A watchdog already asleep until before the returned time need not be woken:
         it re-plans when it wakes. (Waking a thread per acquisition costs more CPU
         than the lock's own round trip.)
         """
         renew = lock.options.auto_renewal
-        if lengthen_at is not None:
-            entry = _Entry(lock, True, lengthen_at, once=not renew)
-            renew = True
-        else:
-            entry = _Entry(lock, renew, now + lock.options.renewal_interval)
+        entry = _Entry(lock, renew, now + lock.options.renewal_interval)
         self._entries[id(lock)] = entry
         return min(entry.next_renewal, lock.trusted_until) if renew else lock.trusted_until
 
@@ -157,10 +148,6 @@ class RenewalSchedule:
                 continue
             lock._renewed(lease_ms, sent_at)
             entry.next_renewal = sent_at + lock.options.renewal_interval
-            if entry.once:
-                entry.renew = entry.once = False
-                if lock.options.on_lost is None:
-                    del self._entries[id(lock)]
         return lost
 
 

@@ -61,11 +61,13 @@ _NUMKEYS = {n: str(n).encode() for n in range(8)}
 
 
 # A release that finds waiters makes the longest one the holder, with a lease of
-# this long: the waiter either adopts the lock as it is (and its watchdog lengthens
-# the lease to the waiter's own timeout unless it releases first) or confirms it
-# with an attempt, which sets its full lease. A waiter that died in the queue thus
-# keeps the lock from everyone for this long at most.
-HANDOFF_WINDOW_MS = 250
+# this long: the waiter, woken by the release's message, confirms it with an
+# attempt, which sets its full lease (acquire never returns a lock on this short
+# lease). A waiter that died in the queue thus keeps the lock from everyone for this
+# long, after which the next waiter takes it on its next timed attempt (within its
+# retry_delay). Long enough for a live waiter's wake-up and confirming round trip
+# even on a loaded machine; one missed window only costs that waiter its place.
+HANDOFF_WINDOW_MS = 500
 # The waiters queue of a lock expires this long after the last waiter joined.
 WAITERS_TTL_MS = 10 * 60 * 1000
 

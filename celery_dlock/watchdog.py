@@ -74,9 +74,9 @@ class RenewalWatchdog:
         #: How many times the thread woke up to plan (observability, and tests).
         self.wakeups = 0
 
-    def track(self, lock: LockCore, lengthen_at: float | None = None) -> None:
+    def track(self, lock: LockCore) -> None:
         with self._cond:
-            due = self._schedule.track(lock, time.monotonic(), lengthen_at)
+            due = self._schedule.track(lock, time.monotonic())
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="celery-dlock-watchdog", daemon=True)
                 self._thread.start()

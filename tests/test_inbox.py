@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import threading
 
-from celery_dlock.inbox import Handover, Waiter, WaiterRegistry, parse_handover
+from celery_dlock.inbox import Waiter, WaiterRegistry, handover_token
 
 
-def test_a_handover_wakes_exactly_its_waiter_and_carries_fence_and_score() -> None:
+def test_a_handover_wakes_exactly_its_waiter() -> None:
     registry: WaiterRegistry[threading.Event] = WaiterRegistry(threading.Event)
     mine, other = Waiter(threading.Event()), Waiter(threading.Event())
     registry.register("tok-a", mine)
     registry.register("tok-b", other)
     registry.handed_over("7:1732000000123456:tok-a")
     assert mine.wake.is_set() and not other.wake.is_set()
-    assert mine.take_handover() == Handover(7, "1732000000123456")
-    assert mine.take_handover() is None
 
 
 def test_tokens_may_contain_colons() -> None:
     token = 'abc|["task:1","host",12]'
-    assert parse_handover(f"3:99:{token}") == (token, Handover(3, "99"))
+    assert handover_token(f"3:99:{token}") == token
+
+
+def test_a_message_of_another_shape_is_read_as_a_bare_token() -> None:
+    assert handover_token("just-a-token") == "just-a-token"
+    assert handover_token("x:1:tok") == "x:1:tok"
 
 
 def test_a_handover_before_registration_is_kept_for_the_waiter() -> None:
@@ -30,7 +33,6 @@ def test_a_handover_before_registration_is_kept_for_the_waiter() -> None:
     waiter = Waiter(threading.Event())
     registry.register("late-token", waiter)
     assert waiter.wake.is_set()
-    assert waiter.take_handover() == Handover(5, "42")
 
 
 def test_a_second_subscribe_confirmation_counts_as_a_lost_connection() -> None:
@@ -48,3 +50,23 @@ def test_a_second_subscribe_confirmation_counts_as_a_lost_connection() -> None:
     registry.confirmed(inbox.channel)  # resubscribed after a silent reconnect
     assert waiter.wake.is_set()
     assert inbox.live_generation is not None and inbox.live_generation != live_before
+
+
+def test_garbage_messages_are_read_without_raising_and_later_ones_still_wake() -> None:
+    # Both drivers' readers hand every message to on_message: one that raised would
+    # stop the reader, and every later wake-up of the process with it.
+    registry: WaiterRegistry[threading.Event] = WaiterRegistry(threading.Event)
+    waiter = Waiter(threading.Event())
+    registry.register("tok", waiter)
+    for garbage in (
+        {"type": b"message", "data": b"\xff\xfe not utf-8"},
+        {"type": b"message", "data": None},
+        {"type": b"message"},
+        {"type": b"subscribe", "channel": b"\xff"},
+        {"type": 17},
+        {},
+    ):
+        registry.on_message(garbage)
+    assert not waiter.wake.is_set()
+    registry.on_message({"type": b"message", "data": b"3:99:tok"})
+    assert waiter.wake.is_set()

@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.inbox import Inbox, Waiter, WaiterRegistry
-from celery_dlock.notify import CONFIRM_TIMEOUT, message_text
+from celery_dlock.inbox import CONFIRM_TIMEOUT, Inbox, Waiter, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
 
@@ -103,13 +102,8 @@ class AsyncReleaseNotifier:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            if message is None:
-                continue
-            kind = message_text(message.get("type", ""))
-            if kind == "message":
-                self._registry.handed_over(message_text(message.get("data", "")))
-            elif kind == "subscribe":
-                self._registry.confirmed(message_text(message.get("channel", "")))
+            if message is not None:
+                self._registry.on_message(message)
 
 
 _notifiers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncReleaseNotifier]]

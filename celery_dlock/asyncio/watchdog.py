@@ -54,8 +54,8 @@ class AsyncRenewalWatchdog:
         #: How many times the task woke up to plan (observability, and tests).
         self.wakeups = 0
 
-    def track(self, lock: LockCore, lengthen_at: float | None = None) -> None:
-        due = self._schedule.track(lock, time.monotonic(), lengthen_at)
+    def track(self, lock: LockCore) -> None:
+        due = self._schedule.track(lock, time.monotonic())
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="celery-dlock-watchdog")
         elif self._sleeping_until is not None and due < self._sleeping_until:

@@ -81,3 +81,29 @@ def hold_repeatedly(url: str, name: str, rounds: int, log_path: str, barrier: An
             intervals.append((start, time.monotonic(), asked, os.getpid()))
     with open(log_path, "w") as fh:
         json.dump(intervals, fh)
+
+
+def acquire_and_read_pttl(url: str, name: str, rounds: int, log_path: str, barrier: Any, hold: float) -> None:
+    """Acquire, read the lock's PTTL at once, hold ``hold`` s, release; ``rounds`` times.
+
+    Logs (asked, acquired, pttl_ms, pttl round trip s) per acquisition: what the
+    server held the moment acquire() returned, and the waits for the fairness check.
+    """
+    client = redis.Redis.from_url(url)
+    client.ping()
+    records = []
+    barrier.wait(60)
+    for _ in range(rounds):
+        lock = DistributedLock(client, name, timeout=10, blocking_timeout=60)
+        asked = time.monotonic()
+        assert lock.acquire()
+        returned = time.monotonic()
+        pttl = client.pttl(lock.keys.lock)
+        round_trip = time.monotonic() - returned
+        start = time.monotonic()
+        while time.monotonic() - start < hold:
+            pass
+        lock.release()
+        records.append((asked, returned, pttl, round_trip))
+    with open(log_path, "w") as fh:
+        json.dump(records, fh)
