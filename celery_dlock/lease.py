@@ -170,6 +170,10 @@ class LockCore:
         self._lost_reason = ""
         self._lost_notified = False
         self._trusted_until = 0.0
+        # When the latest extend() got its reply: a renewal sent before that may have
+        # run before the extend on the server, so its reply says nothing about the
+        # lease now and must not raise the trust.
+        self._extended_at = 0.0
         # Whether the watchdog watches every acquisition of this lock (auto_renewal
         # or on_lost); _tracked: whether it watches the current one, so release must
         # stop its renewal first.
@@ -299,8 +303,15 @@ class LockCore:
         self._trusted_until = trusted_until(sent_at, self.options.timeout_ms)
 
     def _renewed(self, lease_ms: int, sent_at: float) -> None:
-        if not self._lost:
+        """A renewal sent at ``sent_at`` set the lease to ``lease_ms`` (ignored if an
+        extend() returned after it was sent: the extend's result is the later word)."""
+        if not self._lost and sent_at >= self._extended_at:
             self._trusted_until = max(self._trusted_until, trusted_until(sent_at, lease_ms))
+
+    def _extended(self, lease_ms: int, sent_at: float, now: float) -> None:
+        """An extend() sent at ``sent_at`` set the lease to ``lease_ms``; its reply came at ``now``."""
+        self._trusted_until = trusted_until(sent_at, lease_ms)
+        self._extended_at = now
 
     def _mark_lost(self, reason: str) -> bool:
         """Record that the lock is lost; True if this call is the one that found out."""

@@ -29,7 +29,6 @@ from celery_dlock.lease import (
     AttemptPlan,
     LockCore,
     check_extension,
-    trusted_until,
 )
 from celery_dlock.notify import ReleaseNotifier, notifier_for, process_generation
 from celery_dlock.options import LockOptions, check_bool
@@ -308,7 +307,9 @@ class DistributedLock(LockCore):
                 get_watchdog().untrack(self, wait=0)
                 self._notify_lost()
             return False
-        self._trusted_until = trusted_until(sent_at, result)
+        self._extended(result, sent_at, time.monotonic())
+        if self._tracked:
+            get_watchdog().retime(self)  # a shorter lease: renew (or report it lost) sooner
         return True
 
     def is_locked_by_anyone(self) -> bool:

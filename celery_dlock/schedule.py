@@ -70,6 +70,16 @@ class RenewalSchedule:
         self._entries[id(lock)] = entry
         return min(entry.next_renewal, lock.trusted_until) if renew else lock.trusted_until
 
+    def retime(self, lock: LockCore, now: float) -> float | None:
+        """``lock``'s lease changed (extend): when it next needs the watchdog, or None if untracked."""
+        entry = self._entries.get(id(lock))
+        if entry is None:
+            return None
+        if not entry.renew:
+            return lock.trusted_until
+        entry.next_renewal = _renew_by(entry.next_renewal, lock, now)
+        return entry.next_renewal
+
     def untrack(self, lock: LockCore) -> None:
         self._entries.pop(id(lock), None)
 
@@ -147,8 +157,14 @@ class RenewalSchedule:
                 del self._entries[id(lock)]
                 continue
             lock._renewed(lease_ms, sent_at)
-            entry.next_renewal = sent_at + lock.options.renewal_interval
+            entry.next_renewal = _renew_by(sent_at + lock.options.renewal_interval, lock, now)
         return lost
+
+
+def _renew_by(planned: float, lock: LockCore, now: float) -> float:
+    """``planned``, or half-way through the trusted lease if that ends first (a lease
+    an extend() shortened): a renewed lock is renewed before its lease runs out."""
+    return min(planned, now + max(0.0, lock.trusted_until - now) / 2)
 
 
 def _client(lock: LockCore) -> Any:

@@ -83,6 +83,13 @@ class RenewalWatchdog:
             elif self._sleeping_until is not None and due < self._sleeping_until:
                 self._cond.notify_all()
 
+    def retime(self, lock: LockCore) -> None:
+        """``lock``'s lease changed: wake the thread if it now needs it sooner."""
+        with self._cond:
+            due = self._schedule.retime(lock, time.monotonic())
+            if due is not None and self._sleeping_until is not None and due < self._sleeping_until:
+                self._cond.notify_all()
+
     def untrack(self, lock: LockCore, wait: float) -> None:
         """Stop renewing ``lock``; waits (up to ``wait`` s) for a renewal already on the wire.
 

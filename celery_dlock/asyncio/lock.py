@@ -29,7 +29,6 @@ from celery_dlock.lease import (
     AttemptPlan,
     LockCore,
     check_extension,
-    trusted_until,
 )
 from celery_dlock.lock import backend_error
 from celery_dlock.notify import process_generation
@@ -283,7 +282,9 @@ class DistributedLock(LockCore):
                 get_watchdog().untrack_now(self)
                 self._notify_lost()
             return False
-        self._trusted_until = trusted_until(sent_at, result)
+        self._extended(result, sent_at, time.monotonic())
+        if self._tracked:
+            get_watchdog().retime(self)  # a shorter lease: renew (or report it lost) sooner
         return True
 
     async def is_locked_by_anyone(self) -> bool:

@@ -61,6 +61,12 @@ class AsyncRenewalWatchdog:
         elif self._sleeping_until is not None and due < self._sleeping_until:
             self._changed.set()
 
+    def retime(self, lock: LockCore) -> None:
+        """``lock``'s lease changed: wake the task if it now needs it sooner."""
+        due = self._schedule.retime(lock, time.monotonic())
+        if due is not None and self._sleeping_until is not None and due < self._sleeping_until:
+            self._changed.set()
+
     async def untrack(self, lock: LockCore, wait: float) -> None:
         """Stop renewing ``lock``; waits (up to ``wait`` s) for a renewal already on the wire."""
         self._schedule.untrack(lock)
