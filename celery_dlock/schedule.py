@@ -33,6 +33,12 @@ class Batch:
     client: Any
     locks: list[tuple[LockCore, str]]  # (lock, token at planning time)
 
+    @property
+    def deadline(self) -> float:
+        """When waiting for the replies stops making sense: the shortest trusted lease
+        in the batch (by then that lock is reported lost whatever the reply)."""
+        return min(lock.trusted_until for lock, _ in self.locks)
+
     def calls(self) -> list[tuple[list[str], list[Any]]]:
         """(KEYS, ARGV) of the EXTEND script in 'renew' mode for each lock."""
         return [
@@ -53,7 +59,8 @@ class RenewalSchedule:
     def __init__(self) -> None:
         self._entries: dict[int, _Entry] = {}
         self._in_flight: set[int] = set()
-        self._busy_clients: set[int] = set()
+        # The batch on the wire for each client: one at a time per client.
+        self._outstanding: dict[int, Batch] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,6 +101,11 @@ class RenewalSchedule:
         round trip per interval instead of one per acquisition moment.
         """
         plan = Plan(wake_at=now + IDLE_WAKE)
+        for batch in list(self._outstanding.values()):
+            if now >= batch.deadline:
+                # Its wait is over (the driver stops waiting too): the client is free
+                # for another batch, and a late reply is ignored.
+                self._settle(batch)
         due_clients = {
             id(_client(e.lock)) for e in self._entries.values() if e.renew and e.next_renewal <= now
         }
@@ -117,16 +129,25 @@ class RenewalSchedule:
             client_id = id(client)
             nearly_due = entry.next_renewal - now <= lock.options.renewal_interval / 2
             token = lock.token
-            if client_id in due_clients and nearly_due and client_id not in self._busy_clients and token:
+            if client_id in self._outstanding:
+                # A batch of this client is on the wire: its completion wakes the
+                # watchdog to plan again (waking before would find it still busy: a spin).
+                continue
+            if client_id in due_clients and nearly_due and token:
                 batch = batches.setdefault(client_id, Batch(client_id, client, []))
                 batch.locks.append((lock, token))
             else:
                 plan.wake_at = min(plan.wake_at, entry.next_renewal)
         for batch in batches.values():
-            self._busy_clients.add(batch.client_id)
+            self._outstanding[batch.client_id] = batch
             self._in_flight.update(id(lock) for lock, _ in batch.locks)
             plan.batches.append(batch)
         return plan
+
+    def _settle(self, batch: Batch) -> None:
+        del self._outstanding[batch.client_id]
+        for lock, _ in batch.locks:
+            self._in_flight.discard(id(lock))
 
     def complete(
         self,
@@ -138,9 +159,10 @@ class RenewalSchedule:
     ) -> list[LockCore]:
         """Apply a batch's replies (or its error); returns the locks newly found lost."""
         lost: list[LockCore] = []
-        self._busy_clients.discard(batch.client_id)
+        if self._outstanding.get(batch.client_id) is not batch:
+            return lost  # given up at its deadline: what it says may be out of date
+        self._settle(batch)
         for index, (lock, token) in enumerate(batch.locks):
-            self._in_flight.discard(id(lock))
             entry = self._entries.get(id(lock))
             if entry is None or entry.lock is not lock or lock.token != token:
                 continue  # released (and maybe acquired again) while the renewal was on the wire

@@ -31,7 +31,9 @@ from celery_dlock.scripts import EXTEND, Script
 
 logger = logging.getLogger("celery_dlock")
 
-IO_THREADS = 4
+# Batches on the wire at once (one per client at most). A batch that hangs holds its
+# thread until its deadline; the others keep theirs.
+IO_THREADS = 16
 
 
 def run_script_batch(client: Any, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -68,6 +70,9 @@ class RenewalWatchdog:
         self._schedule = RenewalSchedule()
         self._thread: threading.Thread | None = None
         self._io: ThreadPoolExecutor | None = None
+        # on_lost callbacks run here, one at a time, never on the watchdog's or a
+        # renewal's thread: a slow callback must not delay other locks' renewals.
+        self._callbacks: ThreadPoolExecutor | None = None
         # When the thread waits, the monotonic time it will wake by itself; None
         # while it is planning or renewing (it plans again before it next waits).
         self._sleeping_until: float | None = None
@@ -128,8 +133,7 @@ class RenewalWatchdog:
                 finally:
                     self._sleeping_until = None
                 return
-        for lock in plan.lost:
-            lock._notify_lost()
+        self._notify_lost(plan.lost)
         if plan.batches and self._io is None:
             self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="celery-dlock-renew")
         for batch in plan.batches:
@@ -149,8 +153,17 @@ class RenewalWatchdog:
             self._cond.notify_all()
         if error is not None:
             logger.warning("renewal of %d lock(s) failed, will retry: %r", len(batch.locks), error)
-        for lock in lost:
-            lock._notify_lost()
+        self._notify_lost(lost)
+
+    def _notify_lost(self, locks: list[LockCore]) -> None:
+        if not locks:
+            return
+        with self._cond:
+            if self._callbacks is None:
+                self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="celery-dlock-on-lost")
+            callbacks = self._callbacks
+        for lock in locks:
+            callbacks.submit(lock._notify_lost)
 
 
 _watchdog = RenewalWatchdog()

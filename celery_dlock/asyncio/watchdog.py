@@ -93,8 +93,7 @@ class AsyncRenewalWatchdog:
                 self.wakeups += 1
                 now = time.monotonic()
                 plan = self._schedule.plan(now)
-                for lock in plan.lost:
-                    lock._notify_lost()
+                _notify_lost_soon(plan.lost)
                 for batch in plan.batches:
                     task = asyncio.get_running_loop().create_task(self._renew(batch))
                     self._io_tasks.add(task)
@@ -120,7 +119,11 @@ class AsyncRenewalWatchdog:
         error: Exception | None = None
         replies: list[Any] | None = None
         try:
-            replies = await run_script_batch(batch.client, EXTEND, batch.calls())
+            # Waiting past the batch's deadline is pointless: its shortest lease is
+            # reported lost by then, and the client gets a new batch.
+            replies = await asyncio.wait_for(
+                run_script_batch(batch.client, EXTEND, batch.calls()), max(0.0, batch.deadline - sent_at)
+            )
         except Exception as exc:
             error = exc
         lost = self._schedule.complete(batch, replies, error, sent_at, time.monotonic())
@@ -128,8 +131,15 @@ class AsyncRenewalWatchdog:
         self._changed.set()
         if error is not None:
             logger.warning("renewal of %d lock(s) failed, will retry: %r", len(batch.locks), error)
-        for lock in lost:
-            lock._notify_lost()
+        _notify_lost_soon(lost)
+
+
+def _notify_lost_soon(locks: list[LockCore]) -> None:
+    """Call the locks' on_lost callbacks from the event loop, after the watchdog has sent
+    what is due (they run on the loop: a callback must not block it)."""
+    loop = asyncio.get_running_loop()
+    for lock in locks:
+        loop.call_soon(lock._notify_lost)
 
 
 _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRenewalWatchdog]
