@@ -41,6 +41,19 @@ RENEWAL_DRAIN_WAIT = 2.0
 MIN_WAIT_AFTER_ERROR = 0.05
 
 
+# How many times this process image was forked (counted in the child): a lock acquired
+# in another generation belongs to the parent process, not to this one.
+_forks = 0
+
+
+def _count_fork_in_child() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork_in_child)
+
+
 def new_token() -> str:
     """A fresh owner token: 128 random bits from the OS, hex-encoded."""
     return os.urandom(TOKEN_BYTES).hex()
@@ -170,6 +183,7 @@ class LockCore:
         self._lost_reason = ""
         self._lost_notified = False
         self._trusted_until = 0.0
+        self._fork_generation = _forks  # of the process that holds the current acquisition
         # When the latest extend() got its reply: a renewal sent before that may have
         # run before the extend on the server, so its reply says nothing about the
         # lease now and must not raise the trust.
@@ -219,7 +233,9 @@ class LockCore:
         """
         if self._lost:
             return True
-        return self._token is not None and time.monotonic() >= self._trusted_until
+        if self._token is None:
+            return False
+        return self._fork_generation != _forks or time.monotonic() >= self._trusted_until
 
     @property
     def lost_reason(self) -> str:
@@ -229,6 +245,10 @@ class LockCore:
         """Raise :class:`LockLost` unless this object holds the lock right now (no round trip)."""
         if self._token is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
+        if self._fork_generation != _forks:
+            raise LockLost(
+                f"lock {self.name!r} is held by the process this one was forked from, not by this one"
+            )
         if self.lost:
             if not self._lost:
                 self._mark_lost("its lease ran out before it was renewed")
@@ -265,8 +285,16 @@ class LockCore:
         """
         return new_token()
 
+    def _held_token(self) -> str | None:
+        """The token to release or extend with, or None: not held, or held by the process
+        this one was forked from (whose lock a child must never release or extend; the
+        child's copy of the object forgets it)."""
+        if self._token is not None and self._fork_generation != _forks:
+            self._forget()
+        return self._token
+
     def _start_attempt(self) -> str:
-        if self._token is not None:
+        if self._held_token() is not None:
             raise LockError(
                 f"lock {self.name!r} is already held by this object (fence {self._fence}); "
                 "release it first, or use another DistributedLock object"
@@ -295,6 +323,7 @@ class LockCore:
         return AcquireReply(acquired=False, remaining_ms=int(reply[0]))
 
     def _acquired(self, token: str, fence: int, sent_at: float) -> None:
+        self._fork_generation = _forks
         self._token = token
         self._fence = fence
         self._lost = False

@@ -271,7 +271,7 @@ class DistributedLock(LockCore):
         reads it as :attr:`note`; written in the same atomic step as the release,
         and only if the lock was still ours. Without a note, the last one stays.
         """
-        token = self._token
+        token = self._held_token()
         if token is None:
             return False
         args = self._release_args(token, note)
@@ -293,7 +293,7 @@ class DistributedLock(LockCore):
         never exceeds ``max_lease`` when one was given.
         """
         lease_ms = check_extension(additional_time, replace)
-        token = self._token
+        token = self._held_token()
         if token is None or self._lost:
             return False
         sent_at = time.monotonic()
@@ -329,7 +329,7 @@ class DistributedLock(LockCore):
 
     def is_locked_by_me(self) -> bool:
         """Whether the lock in Redis holds this object's token (one round trip)."""
-        token = self._token
+        token = self._held_token()
         if token is None:
             return False
         try:

@@ -241,7 +241,7 @@ class DistributedLock(LockCore):
 
         ``note``: as :meth:`celery_dlock.DistributedLock.release`.
         """
-        token = self._token
+        token = self._held_token()
         if token is None:
             return False
         args = self._release_args(token, note)
@@ -268,7 +268,7 @@ class DistributedLock(LockCore):
     async def extend(self, additional_time: float, replace: bool = False) -> bool:
         """Add ``additional_time`` seconds to the remaining lease (``replace=True``: set it)."""
         lease_ms = check_extension(additional_time, replace)
-        token = self._token
+        token = self._held_token()
         if token is None or self._lost:
             return False
         sent_at = time.monotonic()
@@ -304,7 +304,7 @@ class DistributedLock(LockCore):
 
     async def is_locked_by_me(self) -> bool:
         """Whether the lock in Redis holds this object's token (one round trip)."""
-        token = self._token
+        token = self._held_token()
         if token is None:
             return False
         try:
