@@ -340,7 +340,17 @@ class DistributedLock(LockCore):
     # -- context manager -----------------------------------------------------------
 
     def __enter__(self) -> DistributedLock:
-        if not self.acquire():
+        held_before = self._token
+        try:
+            acquired = self.acquire()
+        except BaseException:
+            # Raised after the lock was taken (a signal handler, KeyboardInterrupt landing
+            # as acquire returned): the with statement never gets the lock, so free it.
+            token = self._token
+            if token is not None and token != held_before:
+                self._abandon(token, None)
+            raise
+        if not acquired:
             raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")
         return self
 

@@ -34,13 +34,19 @@ def test_the_watchdog_does_not_spin_while_a_batch_waits_on_a_frozen_connection(
     frozen = redis.Redis.from_url(proxy.url)  # redis-py's defaults: no socket timeout
     direct = redis.Redis.from_url(own_redis.url)
     lost: list[str] = []
-    first = DistributedLock(frozen, name + "-a", timeout=6, auto_renewal=True, on_lost=lambda lk: lost.append("a"))
+
+    def renewed(client: redis.Redis, suffix: str, timeout: float) -> DistributedLock:
+        return DistributedLock(
+            client, name + suffix, timeout=timeout, auto_renewal=True, on_lost=lambda _: lost.append(suffix)
+        )
+
+    first = renewed(frozen, "a", 6)
     assert first.acquire()
     time.sleep(1.2)  # the second lock is due 1.2 s after the first: a batch of its own
-    second = DistributedLock(frozen, name + "-b", timeout=6, auto_renewal=True, on_lost=lambda lk: lost.append("b"))
+    second = renewed(frozen, "b", 6)
     assert second.acquire()
     # A lock on another client, renewed every 0.33 s, all along.
-    other = DistributedLock(direct, name + "-c", timeout=1, auto_renewal=True, on_lost=lambda lk: lost.append("c"))
+    other = renewed(direct, "c", 1)
     assert other.acquire()
     proxy.cut()  # the first lock's renewal (due at 2 s) waits on the frozen connection
     time.sleep(3.4 - 1.2)  # past the second lock's due time (3.2 s): its client is busy

@@ -161,8 +161,8 @@ class DistributedLock(LockCore):
                         pass
                     waiter.wake.clear()
                     reply = await self._attempt(token, WAIT, member)
-        except asyncio.CancelledError:
-            if self._token != token:  # cancelled while waiting: leave the queue
+        except BaseException:
+            if self._token != token:  # cancelled or interrupted while waiting: leave the queue
                 _spawn(self._abandon(token, member))  # (and free the lock if it was just handed to us)
             raise
         return True
@@ -315,7 +315,16 @@ class DistributedLock(LockCore):
     # -- context manager -----------------------------------------------------------
 
     async def __aenter__(self) -> DistributedLock:
-        if not await self.acquire():
+        held_before = self._token
+        try:
+            acquired = await self.acquire()
+        except BaseException:
+            # Raised after the lock was taken (see the sync lock's __enter__): free it.
+            token = self._token
+            if token is not None and token != held_before:
+                _spawn(self._abandon(token, None))
+            raise
+        if not acquired:
             raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")
         return self
 

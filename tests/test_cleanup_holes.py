@@ -1,0 +1,73 @@
+"""Clean-up holes: an exception landing between a successful attempt and the caller
+receiving the lock leaves no lock behind and nothing for the watchdog to renew."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from celery_dlock import DistributedLock
+from celery_dlock.asyncio import DistributedLock as AsyncLock
+from celery_dlock.watchdog import get_watchdog
+
+
+class Interrupt(BaseException):
+    """What a signal handler raising (a soft time limit, KeyboardInterrupt) looks like."""
+
+
+def raise_as_it_returns(code: Any) -> Callable[..., Any]:
+    """A trace function that raises Interrupt the moment ``code`` returns True: the
+    latest point an asynchronous exception can land before the caller has the result."""
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "return" and arg is True:
+            raise Interrupt
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if event == "call" and frame.f_code is code else None
+
+    return tracer
+
+
+def test_an_interrupt_as_acquire_returns_inside_with_leaves_no_lock(r: redis.Redis, name: str) -> None:
+    lock = DistributedLock(r, name, timeout=30, auto_renewal=True)
+    sys.settrace(raise_as_it_returns(DistributedLock.acquire.__code__))
+    try:
+        with pytest.raises(Interrupt), lock:
+            pytest.fail("the body must not run")
+    finally:
+        sys.settrace(None)
+    assert not r.exists(lock.keys.lock)
+    assert lock.token is None
+    assert get_watchdog().tracked_count() == 0
+
+
+def test_an_interrupt_as_an_asyncio_acquire_returns_leaves_no_lock(redis_url: str, name: str) -> None:
+    async def main() -> tuple[bool, int]:
+        from celery_dlock.asyncio.watchdog import get_watchdog as get_async_watchdog
+
+        client = redis.asyncio.Redis.from_url(redis_url)
+        lock = AsyncLock(client, name, timeout=30, auto_renewal=True)
+        sys.settrace(raise_as_it_returns(AsyncLock.acquire.__code__))
+        try:
+            with pytest.raises(Interrupt):
+                async with lock:
+                    pytest.fail("the body must not run")
+        finally:
+            sys.settrace(None)
+        await asyncio.sleep(0.1)  # a clean-up may run as a task
+        exists = bool(await client.exists(lock.keys.lock))
+        tracked = get_async_watchdog().tracked_count()
+        await client.aclose()
+        return exists, tracked
+
+    exists, tracked = asyncio.run(main())
+    assert not exists and tracked == 0
