@@ -318,7 +318,10 @@ class LockCore:
         if len(reply) == 2:  # {fence, note}: a lock with notes
             self._acquired(token, int(reply[0]), sent_at)
             note = reply[1]
-            self._note = note.decode("utf-8", "replace") if isinstance(note, bytes) else note
+            if isinstance(note, bytes):
+                self._note = note.decode("utf-8", "replace")
+            else:  # a str (decode_responses), or no note: nil (RESP2) or false (RESP3 servers may say)
+                self._note = note if isinstance(note, str) else None
             return ACQUIRED
         return AcquireReply(acquired=False, remaining_ms=int(reply[0]))
 

@@ -121,6 +121,11 @@ class LockOptions:
         return options
 
 
+# The longest renewal interval, as a share of the lease: the rest is the renewal's time to
+# reach Redis (and a retry's) before the lease runs out.
+MAX_RENEWAL_SHARE = 0.9
+
+
 # Locks are often made over and over with the same settings (a Celery task makes
 # one per run): their checks are remembered, keyed by value and type (so True is
 # never taken for 1).
@@ -146,10 +151,10 @@ def _checked_settings(
     interval = check_seconds("renewal_interval", renewal_interval, allow_none=True)
     if interval is None:
         interval = lease / 3
-    elif interval >= lease:
+    elif interval > lease * MAX_RENEWAL_SHARE:
         raise ValueError(
-            f"renewal_interval must be < timeout ({timeout!r} s) so the lock is renewed "
-            f"before it expires, got {renewal_interval!r}"
+            f"renewal_interval must be at most 90 % of timeout ({timeout!r} s), leaving room for "
+            f"the renewal's round trip before the lease ends, got {renewal_interval!r}"
         )
     cap = check_seconds("max_lease", max_lease, allow_none=True)
     if cap is not None and cap < lease:

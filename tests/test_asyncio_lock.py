@@ -23,6 +23,10 @@ from celery_dlock.asyncio.notify import notifier_for
 from celery_dlock.asyncio.watchdog import get_watchdog
 from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN, WAIT
 from tests.support.counting import CountingAsyncRedis
+from tests.support.protocols import resp2_and_resp3
+
+# Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
+redis_url = resp2_and_resp3
 
 
 def run(redis_url: str, body: Callable[[redis.asyncio.Redis], Awaitable[Any]]) -> Any:

@@ -20,6 +20,10 @@ from redis.cluster import key_slot
 from celery_dlock import DistributedLock
 from celery_dlock.asyncio import DistributedLock as AsyncDistributedLock
 from tests.support.counting import CountingRedis
+from tests.support.protocols import resp2_and_resp3
+
+# Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
+redis_url = resp2_and_resp3
 
 
 def test_the_next_holder_reads_the_note_of_the_last_release(r: redis.Redis, name: str) -> None:
@@ -171,3 +175,12 @@ def test_a_note_reads_back_the_same_whatever_the_client_encoding(r: redis.Redis,
             assert second.note == "n\u00f6te \u2192 \u00e9t\u00e9"
             assert second.release()
     latin.close()
+
+
+@pytest.mark.parametrize("no_note", [None, False], ids=["nil", "resp3-false"])
+def test_no_note_reads_as_none_however_the_server_says_it(r: redis.Redis, name: str, no_note: object) -> None:
+    # A script's missing value is nil to a RESP2 client; some servers send a RESP3 client false.
+    lock = DistributedLock(r, name, note_ttl=60)
+    token = lock.make_token()
+    assert lock._take_reply([7, no_note], token, 0.0).acquired
+    assert lock.note is None and lock.fence == 7

@@ -27,7 +27,8 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"retry_times": 1.5}, TypeError, "retry_times.*1.5"),
     ({"retry_delay": -0.1}, ValueError, "retry_delay.*-0.1"),
     ({"auto_renewal": "yes"}, TypeError, "auto_renewal.*'yes'"),
-    ({"timeout": 10, "renewal_interval": 10}, ValueError, "renewal_interval.*< timeout"),
+    ({"timeout": 10, "renewal_interval": 10}, ValueError, "renewal_interval.*90 % of timeout.*got 10"),
+    ({"timeout": 10, "renewal_interval": 9.5}, ValueError, "renewal_interval.*90 % of timeout.*got 9.5"),
     ({"timeout": 10, "renewal_interval": 0}, ValueError, "renewal_interval.*0"),
     ({"blocking_timeout": -1}, ValueError, "blocking_timeout.*-1"),
     ({"blocking_timeout": math.nan}, ValueError, "blocking_timeout.*nan"),
@@ -36,6 +37,10 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"prefix": 3}, TypeError, "prefix.*3"),
     ({"timeout": 10, "max_lease": 5}, ValueError, "max_lease.*5"),
 ]
+
+
+def test_a_renewal_interval_of_90_percent_of_the_timeout_is_accepted(r: redis.Redis, name: str) -> None:
+    assert DistributedLock(r, name, timeout=10, renewal_interval=9).options.renewal_interval == 9
 
 
 @pytest.mark.parametrize("options,error,message", BAD_OPTIONS)
