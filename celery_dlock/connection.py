@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from typing import Any
 from urllib.parse import quote
+
+logger = logging.getLogger("celery_dlock")
 
 DEFAULT_SOCKET_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -70,6 +74,10 @@ def notifier_key(client: Any) -> tuple[Any, ...]:
         return ("client", id(client))
     return (
         type(pool).__name__,
+        # A Sentinel pool resolves its master at connect time: its host is not in the
+        # kwargs, its service name (and its Sentinel set) tells masters apart.
+        getattr(pool, "service_name", None),
+        id(getattr(pool, "sentinel_manager", None)),
         getattr(pool, "connection_class", None),
         kwargs.get("host"),
         kwargs.get("port"),
@@ -77,3 +85,61 @@ def notifier_key(client: Any) -> tuple[Any, ...]:
         kwargs.get("username"),
         kwargs.get("password"),
     )
+
+
+# -- server settings that break leases -------------------------------------------------
+
+#: The only eviction policy under which Redis never deletes a lease or a fence counter.
+SAFE_EVICTION_POLICY = "noeviction"
+
+
+def eviction_warning(server: str, policy: str) -> str | None:
+    """The warning to log for a server's ``maxmemory-policy``, or None when it is safe."""
+    if policy == SAFE_EVICTION_POLICY:
+        return None
+    return (
+        f"Redis at {server} has maxmemory-policy {policy!r}: under memory pressure it may evict "
+        "a held lock (a second holder can then acquire) or a fence counter (fences restart). "
+        f"Set `maxmemory-policy {SAFE_EVICTION_POLICY}` (CONFIG SET, or redis.conf)."
+    )
+
+
+def report_eviction_policy(client: Any, reply: Any, error: BaseException | None) -> None:
+    """Log what a ``CONFIG GET maxmemory-policy`` on ``client`` found: a warning for a policy
+    that may evict locks; a debug line when CONFIG was refused (managed Redis, an ACL)."""
+    server = describe_server(client)
+    if error is not None:
+        logger.debug("maxmemory-policy of %s not checked: %r", server, error)
+        return
+    policy = policy_from_reply(reply)
+    warning = eviction_warning(server, policy) if policy else None
+    if warning:
+        logger.warning(warning)
+
+
+def policy_from_reply(reply: Any) -> str | None:
+    """The policy in a ``CONFIG GET maxmemory-policy`` reply (a dict, a flat list, or bytes)."""
+    if isinstance(reply, dict):
+        values = list(reply.values())
+    elif isinstance(reply, (list, tuple)):
+        values = list(reply[1::2])
+    else:
+        return None
+    if not values:
+        return None
+    value = values[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_seen_clients: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def first_sight(client: Any) -> bool:
+    """True the first time a lock of this process uses ``client``: time to check its server once."""
+    try:
+        if client in _seen_clients:
+            return False
+        _seen_clients.add(client)
+    except TypeError:  # not weak-referenceable: not checked
+        return False
+    return True

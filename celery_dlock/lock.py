@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.channel import script_channel
-from celery_dlock.connection import describe_server
+from celery_dlock.connection import describe_server, first_sight, report_eviction_policy
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
@@ -88,6 +88,18 @@ def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:
     if not isinstance(suffix, str) or not suffix:
         raise ValueError(f"suffix must be a non-empty str, got {suffix!r}")
     return bool(run_script(client, RELEASE, keys.release_keys, [suffix, "suffix"]))
+
+
+def check_server(client: Any) -> None:
+    """Warn if ``client``'s server may evict locks (once per client, at its first acquire:
+    one round trip, on the caller's thread, so a small pool is never short of a connection
+    for the lock itself). A refused ``CONFIG GET`` is no error."""
+    try:
+        reply = client.config_get("maxmemory-policy")
+    except Exception as exc:
+        report_eviction_policy(client, None, exc)
+    else:
+        report_eviction_policy(client, reply, None)
 
 
 def check_sync_client(client: object) -> Any:
@@ -166,6 +178,8 @@ class DistributedLock(LockCore):
         """
         check_bool("blocking", blocking)
         token = self._start_attempt()
+        if first_sight(self.redis):
+            check_server(self.redis)
         if not blocking or self._blocking_mode == TRY:
             reply = self._attempt(token, TRY, None)
             return reply.acquired or reply.give_up()

@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from celery_dlock import DistributedLock
 from celery_dlock.channel import dedicate_connection, script_channel
+from celery_dlock.connection import first_sight
 from celery_dlock.embedded import RedisServer
 from celery_dlock.errors import LockBackendUnavailable
 from tests.support.counting import CountingRedis
@@ -245,6 +246,7 @@ def test_a_dedicated_client_checks_out_one_connection_for_all_its_scripts(redis_
     pool = CountingPool.from_url(redis_url)
     client = redis.Redis(connection_pool=pool)
     dedicate_connection(client)
+    first_sight(client)  # its server counts as checked: no CONFIG GET borrowing a connection
     for _ in range(5):
         lock = DistributedLock(client, name, auto_renewal=True)
         assert lock.acquire() and lock.extend(5) and lock.release()

@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
+from celery_dlock.connection import first_sight, report_eviction_policy
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX
@@ -49,6 +50,16 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task
+
+
+async def check_server(client: Any) -> None:
+    """The asyncio twin of :func:`celery_dlock.lock.check_server`."""
+    try:
+        reply = await client.config_get("maxmemory-policy")
+    except Exception as exc:
+        report_eviction_policy(client, None, exc)
+    else:
+        report_eviction_policy(client, reply, None)
 
 
 async def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -129,6 +140,8 @@ class DistributedLock(LockCore):
         """Take the lock; True on success. Same attempts and waiting as the sync lock."""
         check_bool("blocking", blocking)
         token = self._start_attempt()
+        if first_sight(self.redis):
+            await check_server(self.redis)
         if not blocking or self._blocking_mode == TRY:
             reply = await self._attempt(token, TRY, None)
             return reply.acquired or reply.give_up()
