@@ -73,6 +73,10 @@ def key_encoder(client: Any) -> Callable[[str], str | bytes]:
     return encode
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def trusted_until(sent_at: float, lease_ms: int) -> float:
     """Monotonic time until which a lease granted for a request sent at ``sent_at`` is surely ours."""
     lease = lease_ms / 1000.0
@@ -386,12 +390,25 @@ class LockCore:
         # The note goes as UTF-8 whatever the client's encoding, as it is read back.
         return (token, "note", note.encode(), str(to_millis(note_ttl)))
 
-    def _finish_release(self, token: str, released: bool) -> None:
-        """After the release script answered: a lock that was not ours any more was lost."""
+    def _finish_release(self, token: str, reply: Any) -> bool:
+        """After the release script answered: True if it released. A lock that was not
+        ours any more was lost. Raises LockError, once the object holds nothing, when the
+        lock was released and handed over but the waiter's wake-up was refused."""
+        refused = reply if isinstance(reply, (list, tuple)) else None
+        released = refused is not None or bool(reply)
         if not released and self._mark_lost("at release it had expired or been taken over"):
             self._notify_lost()
         if self._token == token:
             self._forget()
+        if refused is not None:
+            channel, error = (_text(part) for part in refused[1:3])
+            raise LockError(
+                f"lock {self.name!r} was released and handed to the next waiter, but Redis refused "
+                f"to PUBLISH its wake-up on {channel!r} ({error}); the waiter finds the lock on its "
+                f"next timed attempt. Grant the lock's user the channel pattern "
+                f"&{self.options.prefix}* (ACL SETUSER ... &{self.options.prefix}*)"
+            )
+        return released
 
     def _forget(self) -> None:
         self._tracked = False

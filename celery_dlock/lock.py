@@ -292,11 +292,10 @@ class DistributedLock(LockCore):
         if self._tracked:
             get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         try:
-            released = bool(run_bound(self.redis, self._release_script, *args))
+            reply = run_bound(self.redis, self._release_script, *args)
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
-        self._finish_release(token, released)
-        return released
+        return self._finish_release(token, reply)
 
     # -- extend and queries ------------------------------------------------------
 

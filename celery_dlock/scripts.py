@@ -145,7 +145,8 @@ return {redis.call('PTTL', KEYS[1]), 'queued', redis.call('ZSCORE', KEYS[3], ARG
 # queue member), which wakes just that waiter's process; the score is the one its
 # queued attempt saw. A queued member of the releasing token itself (left by a
 # retried request) is dropped, never handed the lock. Returns 1 when released, 0
-# when the lock was not ours (expired or taken over).
+# when the lock was not ours (expired or taken over), and {1, channel, error} when it
+# was released and handed over but the wake-up could not be published.
 RELEASE = Script(
     "release",
     f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
@@ -188,7 +189,13 @@ while true do
     if token ~= value then
       redis.call('SET', KEYS[1], token, 'PX', handoff_window_ms)
       local fence = redis.call('INCR', KEYS[3])
-      redis.call('PUBLISH', string.sub(rest, 1, length), fence .. ':' .. head[2] .. ':' .. token)
+      local channel = string.sub(rest, 1, length)
+      local sent = redis.pcall('PUBLISH', channel, fence .. ':' .. head[2] .. ':' .. token)
+      if type(sent) == 'table' and sent.err then
+        -- Handed over all the same (the waiter finds it on its next timed attempt): say
+        -- why the wake-up failed, e.g. an ACL without the channel.
+        return {1, channel, sent.err}
+      end
       return 1
     end
   end

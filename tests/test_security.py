@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import pathlib
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -80,6 +81,35 @@ def test_client_without_the_token_cannot_release_or_extend(secured_redis: RedisS
     assert client.pttl(holder.keys.lock) <= 30_000
     assert holder.is_locked_by_me()
     holder.release()
+
+
+def test_a_release_whose_wake_up_is_refused_leaves_a_consistent_lock_and_names_the_permission(
+    secured_redis: RedisServer, name: str
+) -> None:
+    admin = redis.Redis(port=secured_redis.port, password="admin-password")
+    no_channels = [rule for rule in LOCK_USER_RULES if rule != "&dlock:*"]
+    admin.execute_command("ACL", "SETUSER", "no-channels", "reset", *no_channels)
+    client = redis.Redis(port=secured_redis.port, username="no-channels", password="locker-password")
+    holder = DistributedLock(client, name, timeout=30)
+    assert holder.acquire()
+    waiter = DistributedLock(client, name, timeout=30, retry_delay=0.2, blocking_timeout=10)
+    got: list[bool] = []
+    import threading
+
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire()))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while admin.zcard(holder.keys.waiters) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(LockError, match=r"PUBLISH.*&dlock:\*") as caught:
+        holder.release()
+    assert "publish to the channel" in str(caught.value)  # the server's own words
+    # Released and handed over all the same: the object holds nothing any more.
+    assert holder.token is None and not holder.lost
+    assert holder.release() is False
+    thread.join(10)
+    assert got == [True]  # the waiter found its lock on its next timed attempt
+    assert waiter.release()
 
 
 def _make_certs(directory: pathlib.Path) -> None:

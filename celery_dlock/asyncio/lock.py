@@ -262,19 +262,21 @@ class DistributedLock(LockCore):
             await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
         call = _spawn(run_bound(self.redis, self._release_script, *args))
         try:
-            released = bool(await asyncio.shield(call))
+            reply = await asyncio.shield(call)
         except asyncio.CancelledError:
             call.add_done_callback(lambda done: self._released_in_background(token, done))
             raise
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
-        self._finish_release(token, released)
-        return released
+        return self._finish_release(token, reply)
 
     def _released_in_background(self, token: str, call: asyncio.Task[Any]) -> None:
         if call.cancelled() or call.exception() is not None:
             return  # outcome unknown: keep the token so a later release can still work
-        self._finish_release(token, bool(call.result()))
+        try:
+            self._finish_release(token, call.result())
+        except LockError as exc:  # nobody awaits this release any more: log what it found
+            logger.warning("%s", exc)
 
     # -- extend and queries ------------------------------------------------------
 
