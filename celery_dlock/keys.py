@@ -57,20 +57,23 @@ class LockKeys:
     member names the waiter's token and its process's inbox channel, where a
     release publishes the token of the waiter it chose (:mod:`celery_dlock.inbox`).
     ``note``: what the last holder left with its release (locks with ``note_ttl``).
+    ``released``: the token of the last release, kept a short while, so a release whose
+    reply was lost and that is sent again answers "released", not "lost".
     """
 
     lock: str
     fence: str
     waiters: str
     note: str
+    released: str
     # The KEYS of the acquire and release scripts, built once.
     acquire_keys: tuple[str, str, str]
-    release_keys: tuple[str, str, str]
+    release_keys: tuple[str, str, str, str]
 
     @classmethod
     def for_name(cls, name: str, prefix: str = DEFAULT_PREFIX) -> LockKeys:
         lock = f"{prefix}{{{name}}}"
-        fence, waiters = f"{lock}:fence", f"{lock}:waiters"
+        fence, waiters, released = f"{lock}:fence", f"{lock}:waiters", f"{lock}:released"
         # What cls(lock=lock, ...) makes, without a frozen dataclass's object.__setattr__
         # per field: keys are built per lock, so per Celery task run.
         keys = object.__new__(cls)
@@ -79,8 +82,9 @@ class LockKeys:
             fence=fence,
             waiters=waiters,
             note=f"{lock}:note",
+            released=released,
             acquire_keys=(lock, fence, waiters),
-            release_keys=(lock, waiters, fence),
+            release_keys=(lock, waiters, fence, released),
         )
         return keys
 

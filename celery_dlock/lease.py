@@ -274,11 +274,12 @@ class LockCore:
         """Bind the acquire and release scripts to this lock's KEYS, encoded as ``client`` encodes keys."""
         note_key = (self.keys.note,) if self.options.note_ttl is not None else ()
         acquire_keys = self.keys.acquire_keys + note_key
-        # Both scripts use the same keys (in another order): encode each once.
+        release_keys = self.keys.release_keys + note_key
+        # The scripts share most keys (in another order): encode each once.
         encode = key_encoder(client)
-        encoded = {key: encode(key) for key in acquire_keys}
+        encoded = {key: encode(key) for key in {*acquire_keys, *release_keys}}
         self._acquire_script = ACQUIRE.bind([encoded[key] for key in acquire_keys])
-        self._release_script = RELEASE.bind([encoded[key] for key in self.keys.release_keys + note_key])
+        self._release_script = RELEASE.bind([encoded[key] for key in release_keys])
 
     def make_token(self) -> str:
         """The owner token for a new acquisition: 128 random bits, hex.

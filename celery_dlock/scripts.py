@@ -68,6 +68,9 @@ _NUMKEYS = {n: str(n).encode() for n in range(8)}
 # retry_delay). Long enough for a live waiter's wake-up and confirming round trip
 # even on a loaded machine; one missed window only costs that waiter its place.
 HANDOFF_WINDOW_MS = 500
+# A release remembers the token it released this long (see RELEASE): longer than a
+# client's retries of a request whose reply was lost.
+RELEASED_MEMORY_MS = 60 * 1000
 # The waiters queue of a lock expires this long after the last waiter joined.
 WAITERS_TTL_MS = 10 * 60 * 1000
 
@@ -133,23 +136,28 @@ return {redis.call('PTTL', KEYS[1]), 'queued', redis.call('ZSCORE', KEYS[3], ARG
 """,
 )
 
-# KEYS[1] lock, KEYS[2] waiters, KEYS[3] fence counter, KEYS[4] (only for locks
-# with notes) the note; ARGV[1] token; ARGV[2] absent (the value must equal
-# ARGV[1]), 'note' (the same, and ARGV[3] is a note kept ARGV[4] ms, written only
-# if the lock was ours) or 'suffix' (the value must end with ARGV[1]: how a Celery
-# worker's main process frees the lock of a pool process that died, knowing only
-# the owner part of its token; queued members of that owner are removed as well).
+# KEYS[1] lock, KEYS[2] waiters, KEYS[3] fence counter, KEYS[4] the last released
+# token, KEYS[5] (only for locks with notes) the note; ARGV[1] token; ARGV[2] absent
+# (the value must equal ARGV[1]), 'note' (the same, and ARGV[3] is a note kept ARGV[4]
+# ms, written only if the lock was ours) or 'suffix' (the value must end with ARGV[1]:
+# how a Celery worker's main process frees the lock of a pool process that died,
+# knowing only the owner part of its token; queued members of that owner are removed
+# as well).
 # Releases the lock only if it matches. If someone is waiting, hands the lock over:
 # the longest waiter becomes the holder (with a new fence, for HANDOFF_WINDOW_MS)
 # and '<fence>:<score>:<token>' is published on its inbox channel (named in its
 # queue member), which wakes just that waiter's process; the score is the one its
 # queued attempt saw. A queued member of the releasing token itself (left by a
-# retried request) is dropped, never handed the lock. Returns 1 when released, 0
-# when the lock was not ours (expired or taken over), and {1, channel, error} when it
-# was released and handed over but the wake-up could not be published.
+# retried request) is dropped, never handed the lock. Every release remembers the
+# released token for RELEASED_MEMORY_MS, so the same release sent again (its reply
+# was lost, and the client retried it) answers 1 instead of "not ours".
+# Returns 1 when released, 0 when the lock was not ours (expired or taken over), and
+# {1, channel, error} when it was released and handed over but the wake-up could not
+# be published.
 RELEASE = Script(
     "release",
     f"local handoff_window_ms = {HANDOFF_WINDOW_MS}\n"
+    f"local released_memory_ms = {RELEASED_MEMORY_MS}\n"
     """
 if ARGV[2] == 'suffix' then
   -- The owner is gone: it waits in no queue either (else a release would hand it the lock).
@@ -161,19 +169,21 @@ if ARGV[2] == 'suffix' then
   end
 end
 local value = redis.call('GET', KEYS[1])
-if not value then
-  return 0
-end
 if ARGV[2] == 'suffix' then
   local n = string.len(ARGV[1])
-  if string.len(value) <= n or string.sub(value, -n) ~= ARGV[1] then
+  if not value or string.len(value) <= n or string.sub(value, -n) ~= ARGV[1] then
     return 0
   end
 elseif value ~= ARGV[1] then
+  -- Not ours now; but this very release may have run already (a retried request).
+  if redis.call('GET', KEYS[4]) == ARGV[1] then
+    return 1
+  end
   return 0
 elseif ARGV[2] == 'note' then
-  redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[4])
+  redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4])
 end
+redis.call('SET', KEYS[4], value, 'PX', released_memory_ms)
 while true do
   local head = redis.call('ZPOPMIN', KEYS[2])
   if not head[1] then

@@ -75,3 +75,28 @@ def test_an_interrupt_as_an_asyncio_acquire_returns_leaves_no_lock(redis_url: st
 
     exists, tracked = asyncio.run(main())
     assert not exists and tracked == 0
+
+
+@pytest.mark.slow
+def test_a_release_whose_reply_is_lost_and_retried_returns_true_without_a_false_loss(name: str) -> None:
+    from celery_dlock.embedded import RedisServer
+    from tests.support.proxy import ChaosProxy
+
+    with RedisServer() as server:
+        proxy = ChaosProxy(server.port).start()
+        try:
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            client = redis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 3))  # retries a lost reply
+            lost: list[object] = []
+            lock = DistributedLock(client, name, timeout=30, on_lost=lost.append)
+            assert lock.acquire() and lock.release()  # the server knows the scripts now
+            assert lock.acquire()
+            proxy.drop_next_reply.set()
+            assert lock.release() is True
+            assert not proxy.drop_next_reply.is_set()  # the reply really was lost
+            assert lost == [] and not lock.lost and lock.token is None
+            assert not redis.Redis(port=server.port).exists(lock.keys.lock)
+        finally:
+            proxy.stop()

@@ -19,6 +19,9 @@ class ChaosProxy:
         self.target = (target_host, target_port)
         self.port = free_port()
         self.latency = 0.0  # seconds added to each chunk, each direction
+        # While set: the next reply from the server is dropped and its client connection
+        # closed (a reply lost on the way back, after the server ran the command).
+        self.drop_next_reply = threading.Event()
         self._cut = threading.Event()
         self._resume: asyncio.Event | None = None
         self._loop = asyncio.new_event_loop()
@@ -66,16 +69,22 @@ class ChaosProxy:
             return
         await asyncio.gather(
             self._pump(client_reader, server_writer),
-            self._pump(server_reader, client_writer),
+            self._pump(server_reader, client_writer, replies=True),
             return_exceptions=True,
         )
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False
+    ) -> None:
         assert self._resume is not None
         try:
             while True:
                 chunk = await reader.read(65536)
                 if not chunk:
+                    break
+                if replies and self.drop_next_reply.is_set():
+                    self.drop_next_reply.clear()
+                    writer.transport.abort()  # the reply is lost with the connection
                     break
                 if self.latency:
                     await asyncio.sleep(self.latency)
