@@ -31,6 +31,16 @@ INBOX_ID_BYTES = 8  # 64 random bits: unique among the processes sharing a serve
 # before falling back to retrying on its timer alone.
 CONFIRM_TIMEOUT = 2.0
 
+# The pub/sub connection's health check: after this long without hearing anything the
+# reader sends a PING, and a PING unanswered this long means the connection is dead
+# (a NAT or firewall dropped it silently): the reader drops it and reconnects, and
+# every waiter wakes to try again meanwhile. So a dead connection is noticed within
+# HEALTH_BOUND (plus the reader's 1 s read timeout).
+PING_AFTER_SILENCE = 2.0
+PONG_TIMEOUT = 2.0
+HEALTH_BOUND = PING_AFTER_SILENCE + PONG_TIMEOUT
+DEAD_CONNECTION = "release notifier: no answer to PING on the pub/sub connection; reconnecting"
+
 # A release message whose waiter had not registered yet (its queueing attempt was
 # still being answered) is kept this long, for that waiter to find when it registers.
 UNCLAIMED_KEEP = 5.0
@@ -92,6 +102,28 @@ def member_prefix(channel: str) -> bytes:
     return b"%d:%s" % (len(encoded), encoded)
 
 
+class Heartbeat:
+    """When the pub/sub reader should PING its connection, and when silence means it is dead."""
+
+    def __init__(self, now: float) -> None:
+        self._last_heard = now
+        self._ping_sent_at: float | None = None
+
+    def heard(self, now: float) -> None:
+        """Anything arrived (a message, a confirmation, a PONG): the connection is alive."""
+        self._last_heard = now
+        self._ping_sent_at = None
+
+    def should_ping(self, now: float) -> bool:
+        return self._ping_sent_at is None and now - self._last_heard >= PING_AFTER_SILENCE
+
+    def pinged(self, now: float) -> None:
+        self._ping_sent_at = now
+
+    def dead(self, now: float) -> bool:
+        return self._ping_sent_at is not None and now - self._ping_sent_at >= PONG_TIMEOUT
+
+
 class Inbox(Generic[W]):
     """One inbox channel: its name, its member prefix, and the state of its subscription."""
 
@@ -130,6 +162,7 @@ class WaiterRegistry(Generic[W]):
         # generation may have missed messages.
         self.generation = 0
         self.messages = 0  # handover messages read (tests check one per handover)
+        self._heartbeat = Heartbeat(time.monotonic())
 
     def inbox(self, prefix: str) -> tuple[Inbox[W], bool]:
         """The inbox for keys under ``prefix``; True when it is new (not subscribed yet)."""
@@ -163,6 +196,24 @@ class WaiterRegistry(Generic[W]):
             self.connection_lost()
         inbox.live_generation = self.generation
         inbox.confirmed.set()
+
+    def after_read(self, message: dict[Any, Any] | None, now: float) -> str | None:
+        """What the reader does after one read (``message``, or None when it timed out):
+        None, ``"ping"`` (send a PING on the pub/sub connection), or ``"reconnect"`` (the
+        connection is silently dead: drop it; the next read reconnects and resubscribes,
+        and every waiter has been woken to try again meanwhile)."""
+        if message is not None:
+            self._heartbeat.heard(now)
+            self.on_message(message)
+            return None
+        if self._heartbeat.dead(now):
+            self._heartbeat.heard(now)  # a fresh start for the new connection
+            self.connection_lost()
+            return "reconnect"
+        if self._heartbeat.should_ping(now):
+            self._heartbeat.pinged(now)
+            return "ping"
+        return None
 
     def on_message(self, message: dict[Any, Any]) -> None:
         """One message the pub/sub reader read (``get_message``'s dict): a release's

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.inbox import CONFIRM_TIMEOUT, Inbox, Waiter, WaiterRegistry
+from celery_dlock.inbox import CONFIRM_TIMEOUT, DEAD_CONNECTION, Inbox, Waiter, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
 
@@ -103,9 +103,17 @@ class ReleaseNotifier:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            if message is not None:
-                with self._mutex:
-                    self._registry.on_message(message)
+            # Under the mutex: a waiter's SUBSCRIBE writes on the same connection.
+            with self._mutex:
+                action = self._registry.after_read(message, time.monotonic())
+                try:
+                    if action == "ping":
+                        self._pubsub.ping()
+                    elif action == "reconnect":
+                        logger.warning(DEAD_CONNECTION)
+                        self._pubsub.connection.disconnect()
+                except Exception as exc:  # the next read sees (and handles) a broken connection
+                    logger.debug("release notifier health check: %r", exc)
 
 
 _notifiers: dict[tuple[Any, ...], ReleaseNotifier] = {}

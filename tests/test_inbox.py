@@ -70,3 +70,24 @@ def test_garbage_messages_are_read_without_raising_and_later_ones_still_wake() -
     assert not waiter.wake.is_set()
     registry.on_message({"type": b"message", "data": b"3:99:tok"})
     assert waiter.wake.is_set()
+
+
+def test_the_reader_pings_a_silent_connection_and_drops_it_when_no_pong_comes() -> None:
+    from celery_dlock.inbox import PING_AFTER_SILENCE, PONG_TIMEOUT
+
+    registry: WaiterRegistry[threading.Event] = WaiterRegistry(threading.Event)
+    waiter = Waiter(threading.Event())
+    registry.register("tok", waiter)
+    start = 1_000_000.0
+    registry.after_read({"type": b"subscribe", "channel": b"c", "data": 1}, start)
+    assert registry.after_read(None, start + PING_AFTER_SILENCE - 0.1) is None
+    assert registry.after_read(None, start + PING_AFTER_SILENCE) == "ping"
+    assert registry.after_read(None, start + PING_AFTER_SILENCE + 0.5) is None  # one PING at a time
+    # A PONG (any message) means alive.
+    assert registry.after_read({"type": b"pong", "data": b""}, start + PING_AFTER_SILENCE + 1) is None
+    assert not waiter.wake.is_set()
+    later = start + PING_AFTER_SILENCE + 1
+    assert registry.after_read(None, later + PING_AFTER_SILENCE) == "ping"
+    generation = registry.generation
+    assert registry.after_read(None, later + PING_AFTER_SILENCE + PONG_TIMEOUT) == "reconnect"
+    assert waiter.wake.is_set() and registry.generation == generation + 1

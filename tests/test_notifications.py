@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import redis
 
 from celery_dlock import DistributedLock
@@ -67,3 +68,42 @@ def test_garbage_on_an_inbox_does_not_stop_later_wake_ups(r: redis.Redis, name: 
     thread.join(10)
     assert took and took[0] - released_at < 1.0  # woken by the release, not by its 20 s timer
     assert waiter.release()
+
+
+@pytest.mark.slow
+def test_a_silently_dead_inbox_connection_is_noticed_and_waiters_fall_back(name: str) -> None:
+    """The waiter relies on its inbox (retry_delay=20 s); its pub/sub connection goes silent.
+    The notifier's health check notices within HEALTH_BOUND and wakes the waiter."""
+    from celery_dlock.embedded import RedisServer
+    from celery_dlock.inbox import HEALTH_BOUND
+    from tests.support.proxy import ChaosProxy
+
+    with RedisServer() as server:
+        proxy = ChaosProxy(server.port).start()
+        try:
+            direct = redis.Redis(port=server.port)
+            holder = DistributedLock(direct, name, timeout=30)
+            assert holder.acquire()
+            waiter = DistributedLock(
+                redis.Redis(port=proxy.port), name, timeout=30, retry_delay=20, blocking_timeout=40
+            )
+            took: list[float] = []
+
+            def wait() -> None:
+                if waiter.acquire():
+                    took.append(time.monotonic())
+
+            thread = threading.Thread(target=wait)
+            thread.start()
+            queued_member(direct, holder)
+            time.sleep(0.3)  # subscribed and confirmed
+            proxy.freeze_pubsub()
+            released_at = time.monotonic()
+            assert holder.release()  # its hand-over message never arrives
+            thread.join(30)
+            assert took, "the waiter never got the lock"
+            assert took[0] - released_at < HEALTH_BOUND + 1.0
+            assert waiter.release()
+        finally:
+            proxy.heal()
+            proxy.stop()

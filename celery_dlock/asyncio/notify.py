@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 from celery_dlock.connection import notifier_key
-from celery_dlock.inbox import CONFIRM_TIMEOUT, Inbox, Waiter, WaiterRegistry
+from celery_dlock.inbox import CONFIRM_TIMEOUT, DEAD_CONNECTION, Inbox, Waiter, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
 
@@ -102,8 +103,17 @@ class AsyncReleaseNotifier:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            if message is not None:
-                self._registry.on_message(message)
+            action = self._registry.after_read(message, time.monotonic())
+            try:
+                if action == "ping":
+                    await self._pubsub.ping()
+                elif action == "reconnect":
+                    logger.warning(DEAD_CONNECTION)
+                    await self._pubsub.connection.disconnect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next read sees (and handles) a broken connection
+                logger.debug("release notifier health check: %r", exc)
 
 
 _notifiers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncReleaseNotifier]]

@@ -22,6 +22,9 @@ class ChaosProxy:
         # While set: the next reply from the server is dropped and its client connection
         # closed (a reply lost on the way back, after the server ran the command).
         self.drop_next_reply = threading.Event()
+        # Connections that sent a SUBSCRIBE (pub/sub), and those frozen by freeze_pubsub().
+        self._pubsub: set[asyncio.StreamWriter] = set()
+        self._frozen: set[asyncio.StreamWriter] = set()
         self._cut = threading.Event()
         self._resume: asyncio.Event | None = None
         self._loop = asyncio.new_event_loop()
@@ -47,6 +50,11 @@ class ChaosProxy:
         """Stop delivering bytes in both directions (until :meth:`heal`)."""
         self._loop.call_soon_threadsafe(self._set_cut, True)
 
+    def freeze_pubsub(self) -> None:
+        """Silently stop the pub/sub connections open now (a NAT or firewall dropping an idle
+        connection): nothing arrives either way, nothing is reset. New connections work."""
+        self._loop.call_soon_threadsafe(lambda: self._frozen.update(self._pubsub))
+
     def heal(self) -> None:
         self._loop.call_soon_threadsafe(self._set_cut, False)
 
@@ -68,13 +76,17 @@ class ChaosProxy:
             client_writer.close()
             return
         await asyncio.gather(
-            self._pump(client_reader, server_writer),
-            self._pump(server_reader, client_writer, replies=True),
+            self._pump(client_reader, server_writer, tag=client_writer),
+            self._pump(server_reader, client_writer, replies=True, tag=client_writer),
             return_exceptions=True,
         )
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tag: asyncio.StreamWriter,
+        replies: bool = False,
     ) -> None:
         assert self._resume is not None
         try:
@@ -82,6 +94,10 @@ class ChaosProxy:
                 chunk = await reader.read(65536)
                 if not chunk:
                     break
+                if not replies and b"SUBSCRIBE" in chunk.upper():
+                    self._pubsub.add(tag)
+                if tag in self._frozen:
+                    continue  # swallowed: a silently dead connection
                 if replies and self.drop_next_reply.is_set():
                     self.drop_next_reply.clear()
                     writer.transport.abort()  # the reply is lost with the connection
