@@ -49,12 +49,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import DataError
+
+from celery_dlock.deadline import DeadlineExceeded, call_before
 
 _channels: weakref.WeakKeyDictionary[Any, ScriptChannel | None] = weakref.WeakKeyDictionary()
 
@@ -166,30 +169,78 @@ class ScriptChannel:
         self._encoding: str = kwargs.get("encoding") or "utf-8"
         self._encoding_errors: str = kwargs.get("encoding_errors") or "strict"
 
-    def execute(self, *command: Any) -> Any:
-        """Send ``command`` and return its reply (as ``execute_command`` would for EVAL/EVALSHA)."""
-        return self._round_trip(self._pack(command), lambda conn: conn.read_response())
+    def execute(
+        self, *command: Any, deadline: float | None = None, on_late: Callable[[Any], object] | None = None
+    ) -> Any:
+        """Send ``command`` and return its reply (as ``execute_command`` would for EVAL/EVALSHA).
 
-    def execute_batch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        ``deadline`` (monotonic): no answer by then raises DeadlineExceeded, whatever the
+        client's socket timeout and retry policy (see :meth:`_call`); ``on_late`` gets
+        the reply if it comes after that.
+        """
+        return self._call(self._pack(command), _read_one, deadline, on_late)
+
+    def execute_batch(self, commands: list[tuple[Any, ...]], deadline: float | None = None) -> list[Any]:
         """Send ``commands`` at once and read every reply, in order (one round trip, like a
         non-transactional pipeline); error replies come back as exception objects."""
 
-        def read_all(conn: Any) -> list[Any]:
+        def read_all(conn: Any, deadline: float | None) -> list[Any]:
             replies: list[Any] = []
             for _ in commands:
                 try:
-                    replies.append(conn.read_response())
+                    replies.append(_read_one(conn, deadline))
                 except redis.ResponseError as error:
                     replies.append(error)
             return replies
 
-        result: list[Any] = self._round_trip(b"".join(self._pack(c) for c in commands), read_all)
+        result: list[Any] = self._call(b"".join(self._pack(c) for c in commands), read_all, deadline)
         return result
+
+    def _call(
+        self,
+        packed: bytes,
+        read: Reader,
+        deadline: float | None,
+        on_late: Callable[[Any], object] | None = None,
+    ) -> Any:
+        """One round trip, ended on ``deadline`` if one is given.
+
+        On a connected connection the reply is awaited on this thread, at most until the
+        deadline (no retries: the deadline is the budget). Where the call would have to
+        connect first (a connect, a handshake and the client's retries cannot be bounded
+        from here), it runs on a helper thread under the client's own settings, and this
+        thread stops waiting at the deadline.
+        """
+        if deadline is None:
+            return self._round_trip(packed, read, None)
+        if not self._would_connect():
+            try:
+                return self._round_trip(packed, read, deadline)
+            except _MustConnect:
+                pass
+            except _TryFailed as failed:
+                # The connection broke or timed out: try again as the client's retry
+                # policy says, on a new connection, if time is left.
+                if not failed.policy_retries or time.monotonic() >= deadline:
+                    raise failed.error from None
+        return call_before(deadline, lambda: self._round_trip(packed, read, None), on_late)
+
+    def _would_connect(self) -> bool:
+        """Whether the next call's connection is not connected yet (so getting it connects)."""
+        client = self._single()
+        if client is not None:
+            conn = client.connection
+            if conn is not None:
+                return not _is_connected(conn)
+        dedicated_lock = self._dedicated_lock
+        if dedicated_lock is not None and not dedicated_lock.locked():
+            return self._dedicated is None or not _is_connected(self._dedicated)
+        return _pool_would_connect(self._pool)
 
     def _pack(self, command: tuple[Any, ...]) -> bytes:
         return pack_command(command, self._encoding, self._encoding_errors)
 
-    def _round_trip(self, packed: bytes, read: Callable[[Any], Any]) -> Any:
+    def _round_trip(self, packed: bytes, read: Reader, deadline: float | None) -> Any:
         """Write ``packed`` and ``read`` the reply: on the client's own connection (a
         single-connection client), on the dedicated one, else on one borrowed from the pool."""
         client = self._single()
@@ -197,7 +248,8 @@ class ScriptChannel:
             with client.single_connection_lock:
                 conn = client.connection
                 if conn is not None:
-                    return _on_kept_connection(conn, packed, read)
+                    _check_connected(conn, deadline)
+                    return _on_kept_connection(conn, packed, read, deadline)
         dedicated_lock = self._dedicated_lock
         # Busy (another thread, or this one re-entered from a signal handler while it
         # waits for a reply): borrow from the pool instead of waiting or crossing replies.
@@ -205,42 +257,120 @@ class ScriptChannel:
             try:
                 conn = self._dedicated
                 if conn is None:
+                    if deadline is not None:
+                        raise _MustConnect
                     conn = self._dedicated = self._pool.get_connection()
                 else:
                     _make_ready(conn, self._pool)
-                return _on_kept_connection(conn, packed, read)
+                    _check_connected(conn, deadline)
+                return _on_kept_connection(conn, packed, read, deadline)
             finally:
                 dedicated_lock.release()
         conn = self._pool.get_connection()
         try:
-            return _send_and_read(conn, packed, read)
+            return _send_and_read(conn, packed, read, deadline)
         finally:
             self._pool.release(conn)
 
 
-def _send_and_read(conn: Any, packed: bytes, read: Callable[[Any], Any]) -> Any:
-    """Write ``packed`` on ``conn`` and ``read`` the reply under its retry policy (a failed
-    try disconnects; the next one reconnects as it sends)."""
+# How a round trip reads its reply (or replies) on a connection, by a deadline (or None).
+Reader = Callable[[Any, "float | None"], Any]
+
+
+class _MustConnect(Exception):
+    """A bounded call found its connection not connected: it must run where connecting may block."""
+
+
+class _TryFailed(Exception):
+    """A bounded call's one try failed before its deadline: the error, and whether the
+    connection's retry policy would send the command again."""
+
+    def __init__(self, error: Exception, policy_retries: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.policy_retries = policy_retries
+
+
+def _policy_retries(retry: Any, error: Exception) -> bool:
+    """Whether redis-py's ``retry`` policy retries after ``error`` (checked through its
+    public ``get_retries``; a policy we cannot read counts as retrying: the lock's
+    scripts are safe to run twice)."""
+    get_retries = getattr(retry, "get_retries", None)
+    retries = get_retries() if callable(get_retries) else getattr(retry, "_retries", 1)
+    supported = getattr(retry, "_supported_errors", (redis.ConnectionError, redis.TimeoutError))
+    return retries != 0 and isinstance(error, supported)
+
+
+def _read_one(conn: Any, deadline: float | None) -> Any:
+    """One reply; with a deadline, waited for at most until then, or the connection's own
+    socket timeout if that is shorter (the rest of a reply that has started arriving is
+    read under the connection's own timeout)."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        socket_timeout = getattr(conn, "socket_timeout", None)
+        if isinstance(socket_timeout, (int, float)) and 0 < socket_timeout < left:
+            if not conn.can_read(timeout=socket_timeout):
+                raise redis.TimeoutError("Timeout reading from socket")
+        elif left <= 0 or not conn.can_read(timeout=left):
+            raise DeadlineExceeded("no reply from Redis before the lock operation's deadline")
+    return conn.read_response()
+
+
+def _is_connected(conn: Any) -> bool:
+    """Whether ``conn`` has a socket (redis-py's ``is_connected``, or its socket attribute)."""
+    flag = getattr(type(conn), "is_connected", None)
+    if isinstance(flag, property):
+        return bool(conn.is_connected)
+    return getattr(conn, "_sock", None) is not None
+
+
+def _pool_would_connect(pool: Any) -> bool:
+    """Whether the pool's next checkout connects: no idle connection, or a disconnected one.
+    (A pool we cannot look into counts as connecting: the call then runs on a helper.)"""
+    idle = getattr(pool, "_available_connections", None)
+    if not isinstance(idle, list) or not idle:
+        return True
+    return not _is_connected(idle[-1])
+
+
+def _check_connected(conn: Any, deadline: float | None) -> None:
+    if deadline is not None and not _is_connected(conn):
+        raise _MustConnect
+
+
+def _send_and_read(conn: Any, packed: bytes, read: Reader, deadline: float | None) -> Any:
+    """Write ``packed`` on ``conn`` and ``read`` the reply: without a deadline under the
+    connection's retry policy (a failed try disconnects; the next one reconnects as it
+    sends), with one in a single try whose wait for the reply ends on the deadline."""
 
     def send_and_read() -> Any:
-        conn.send_packed_command([packed])
-        return read(conn)
+        conn.send_packed_command([packed], check_health=deadline is None)
+        return read(conn, deadline)
 
     try:
-        return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+        if deadline is None:
+            return conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+        try:
+            return send_and_read()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            if isinstance(error, DeadlineExceeded):
+                raise
+            conn.disconnect()
+            raise _TryFailed(error, _policy_retries(conn.retry, error)) from error
     except redis.ResponseError:
         raise  # a whole error reply was read: the connection is in step
     except BaseException:
         # Interrupted anywhere between the send and the end of the read (a signal
-        # handler's exception, e.g. a soft time limit, may land between the two): a
-        # reply may still be on its way, so the connection must not serve another command.
+        # handler's exception, e.g. a soft time limit, may land between the two), or
+        # out of time: a reply may still be on its way, so the connection must not
+        # serve another command.
         conn.disconnect()
         raise
 
 
-def _on_kept_connection(conn: Any, packed: bytes, read: Callable[[Any], Any]) -> Any:
+def _on_kept_connection(conn: Any, packed: bytes, read: Reader, deadline: float | None) -> Any:
     try:
-        return _send_and_read(conn, packed, read)
+        return _send_and_read(conn, packed, read, deadline)
     finally:
         # redis-py's maintenance notifications may ask for a new connection
         should_reconnect = getattr(conn, "should_reconnect", None)

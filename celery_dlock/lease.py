@@ -40,6 +40,11 @@ RENEWAL_DRAIN_WAIT = 2.0
 # A blocking waiter that cannot reach Redis tries again after at least this long.
 MIN_WAIT_AFTER_ERROR = 0.05
 
+# Every lock operation ends on its own deadline (see AttemptPlan.attempt_deadline and
+# LockCore.operation_deadline); a best-effort clean-up after it (leaving the waiters
+# queue, freeing a lock an unanswered attempt may have taken) gets this much more.
+CLEANUP_GRACE = 0.5
+
 
 # How many times this process image was forked (counted in the child): a lock acquired
 # in another generation belongs to the parent process, not to this one.
@@ -118,6 +123,7 @@ class AttemptPlan:
     """
 
     def __init__(self, options: LockOptions, blocking: bool, now: float) -> None:
+        self._timeout = options.timeout
         self._retry_delay = options.retry_delay
         self._deadline: float | None = None
         self._attempts_left: float
@@ -128,6 +134,16 @@ class AttemptPlan:
             self._attempts_left = options.retry_times or math.inf
         else:
             self._attempts_left = options.retry_times
+
+    def attempt_deadline(self, now: float) -> float:
+        """When an attempt sent at ``now`` stops waiting for its reply: one lease from now,
+        and never later than CLEANUP_GRACE past ``blocking_timeout``. An attempt that got
+        no reply by then ends the acquire (its late reply could take the lock for this
+        acquire's token)."""
+        if self._deadline is None:
+            return now + self._timeout
+        # The last attempt may start at blocking_timeout: it still gets CLEANUP_GRACE.
+        return min(max(self._deadline, now) + CLEANUP_GRACE, now + self._timeout)
 
     def may_retry(self, now: float) -> bool:
         """Whether another attempt will follow a failed one (checked before subscribing)."""
@@ -151,6 +167,11 @@ class AttemptPlan:
         if self._deadline is not None:
             wait = min(wait, self._deadline - now)
         return max(0.0, wait)
+
+
+def is_acquisition(reply: Any) -> bool:
+    """Whether an ACQUIRE reply says the lock was taken (a fence, or {fence, note})."""
+    return isinstance(reply, int) or (isinstance(reply, (list, tuple)) and len(reply) == 2)
 
 
 def check_extension(additional_time: object, replace: object) -> int:
@@ -269,6 +290,10 @@ class LockCore:
         return f"<{type(self).__name__} {self.name!r} {state} fence={self._fence}>"
 
     # -- transitions used by the drivers --------------------------------------------
+
+    def operation_deadline(self, now: float) -> float:
+        """When a release, an extend or a query started at ``now`` stops waiting: one lease."""
+        return now + self.options.timeout
 
     def _bind_scripts(self, client: Any) -> None:
         """Bind the acquire and release scripts to this lock's KEYS, encoded as ``client`` encodes keys."""

@@ -7,6 +7,7 @@ scripts in :mod:`celery_dlock.scripts`). Everything that is not I/O lives in
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -20,15 +21,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.channel import script_channel
 from celery_dlock.connection import describe_server, first_sight, report_eviction_policy
+from celery_dlock.deadline import DeadlineExceeded, call_before
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
+    CLEANUP_GRACE,
     RENEWAL_DRAIN_WAIT,
     AcquireReply,
     AttemptPlan,
     LockCore,
     check_extension,
+    is_acquisition,
 )
 from celery_dlock.notify import ReleaseNotifier, notifier_for, process_generation
 from celery_dlock.options import LockOptions, check_bool
@@ -38,28 +42,64 @@ from celery_dlock.watchdog import get_watchdog
 logger = logging.getLogger("celery_dlock")
 
 
-def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-    """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet."""
-    execute = _executor(client)
+def run_script(
+    client: Any, script: Script, keys: Sequence[str], args: Sequence[Any], deadline: float | None = None
+) -> Any:
+    """EVALSHA ``script``; EVAL it (which also caches it) if the server does not know it yet.
+
+    ``deadline`` (monotonic): no answer by then raises a redis-py TimeoutError
+    (:class:`~celery_dlock.deadline.DeadlineExceeded`), whatever the client's settings.
+    """
+    execute = _executor(client, deadline)
     try:
         return execute("EVALSHA", script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return execute("EVAL", script.source_bytes, len(keys), *keys, *args)
 
 
-def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:
-    """:func:`run_script` for a script bound to its KEYS (the hot path: nothing rebuilt per call)."""
-    execute = _executor(client)
+def run_bound(
+    client: Any,
+    script: BoundScript,
+    *args: Any,
+    deadline: float | None = None,
+    on_late: Callable[[Any], object] | None = None,
+) -> Any:
+    """:func:`run_script` for a script bound to its KEYS (the hot path: nothing rebuilt per call).
+
+    ``on_late``: gets the reply if it arrives after the deadline.
+    """
+    execute = _executor(client, deadline, on_late)
     try:
         return execute(*script.evalsha, *args)
     except NoScriptError:
         return execute(*script.eval, *args)
 
 
-def _executor(client: Any) -> Callable[..., Any]:
-    """How to send a script on ``client``: its channel (:mod:`celery_dlock.channel`) or execute_command."""
+def run_command(client: Any, *command: Any, deadline: float | None = None) -> Any:
+    """Any other command of the lock (ZREM, GET, EXISTS, CONFIG GET), ended on ``deadline``."""
+    return _executor(client, deadline)(*command)
+
+
+def _executor(
+    client: Any, deadline: float | None = None, on_late: Callable[[Any], object] | None = None
+) -> Callable[..., Any]:
+    """How to send a command on ``client``: its channel (:mod:`celery_dlock.channel`) or
+    execute_command, on a helper thread when a deadline must hold (see celery_dlock.deadline)."""
     channel = script_channel(client)
-    return channel.execute if channel is not None else client.execute_command
+    if channel is not None:
+        if deadline is None:
+            return channel.execute
+        bounded: Callable[..., Any] = functools.partial(channel.execute, deadline=deadline, on_late=on_late)
+        return bounded
+    if deadline is None:
+        execute: Callable[..., Any] = client.execute_command
+        return execute
+    limit = deadline
+
+    def execute_before_deadline(*command: Any) -> Any:
+        return call_before(limit, lambda: client.execute_command(*command), on_late)
+
+    return execute_before_deadline
 
 
 def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
@@ -90,12 +130,12 @@ def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:
     return bool(run_script(client, RELEASE, keys.release_keys, [suffix, "suffix"]))
 
 
-def check_server(client: Any) -> None:
+def check_server(client: Any, deadline: float) -> None:
     """Warn if ``client``'s server may evict locks (once per client, at its first acquire:
     one round trip, on the caller's thread, so a small pool is never short of a connection
     for the lock itself). A refused ``CONFIG GET`` is no error."""
     try:
-        reply = client.config_get("maxmemory-policy")
+        reply = run_command(client, "CONFIG", "GET", "maxmemory-policy", deadline=deadline)
     except Exception as exc:
         report_eviction_policy(client, None, exc)
     else:
@@ -178,19 +218,18 @@ class DistributedLock(LockCore):
         """
         check_bool("blocking", blocking)
         token = self._start_attempt()
+        plan = AttemptPlan(self.options, blocking, time.monotonic())
         if first_sight(self.redis):
-            check_server(self.redis)
+            check_server(self.redis, plan.attempt_deadline(time.monotonic()))
         if not blocking or self._blocking_mode == TRY:
-            reply = self._attempt(token, TRY, None)
+            reply = self._attempt(token, TRY, None, plan)
             return reply.acquired or reply.give_up()
-        started = time.monotonic()
         notifier, inbox = self._inbox()
         live = inbox.live_generation  # was a handover to us sure to be delivered?
         member = inbox.member(token)
-        reply = self._attempt(token, JOIN, member)
+        reply = self._attempt(token, JOIN, member, plan)
         if reply.acquired:
             return True
-        plan = AttemptPlan(self.options, blocking, started)
         try:
             if not plan.may_retry(time.monotonic()):
                 return self._give_up(token, member, reply)
@@ -198,7 +237,7 @@ class DistributedLock(LockCore):
                 if live is None or inbox.live_generation != live:
                     # Queued before this process's inbox was (still) subscribed: a
                     # handover may already have happened unheard.
-                    reply = self._attempt(token, WAIT, member)
+                    reply = self._attempt(token, WAIT, member, plan)
                 while not reply.acquired:
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
@@ -208,7 +247,7 @@ class DistributedLock(LockCore):
                     # confirms a hand-over (whose lease is short) with the full lease.
                     waiter.wake.wait(wait)
                     waiter.wake.clear()
-                    reply = self._attempt(token, WAIT, member)
+                    reply = self._attempt(token, WAIT, member, plan)
         except BaseException:
             if self._token != token:  # interrupted while waiting: leave the queue
                 self._abandon(token, member)  # (and free the lock if it was just handed to us)
@@ -230,20 +269,26 @@ class DistributedLock(LockCore):
         self._abandon(token, member)
         return reply.give_up()
 
-    def _leave_queue(self, member: bytes) -> None:
+    def _leave_queue(self, member: bytes, deadline: float) -> None:
         try:
-            self.redis.zrem(self.keys.waiters, member)
+            run_command(self.redis, "ZREM", self.keys.waiters, member, deadline=deadline)
         except RedisError as exc:
             logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
 
-    def _attempt(self, token: str, mode: bytes, member: bytes | None) -> AcquireReply:
+    def _attempt(self, token: str, mode: bytes, member: bytes | None, plan: AttemptPlan) -> AcquireReply:
         """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY)."""
         sent_at = time.monotonic()
+        deadline = plan.attempt_deadline(sent_at)
+        late = self._free_if_acquired(token)
         try:
-            if member is None:
-                raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)
-            else:
-                raw = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode, member)
+            queue = () if member is None else (member,)
+            raw = run_bound(
+                self.redis,
+                self._acquire_script,
+                *(token, self._lease_arg, mode, *queue),
+                deadline=deadline,
+                on_late=late,
+            )
             reply = self._take_reply(raw, token, sent_at)
             if reply.acquired and self._watched:
                 self._tracked = True
@@ -256,17 +301,30 @@ class DistributedLock(LockCore):
             if not isinstance(exc, RedisError):
                 raise
             error = backend_error(self.redis, "acquire", self.name, exc)
-            if not isinstance(error, LockBackendUnavailable):
+            if isinstance(exc, DeadlineExceeded) or not isinstance(error, LockBackendUnavailable):
+                # (No reply in time: its late reply could still take the lock for this
+                # token, so this acquire ends here; see AttemptPlan.attempt_deadline.)
                 raise error from exc
             error.__cause__ = exc
             return AcquireReply(acquired=False, error=error)
 
+    def _free_if_acquired(self, token: str) -> Callable[[Any], object]:
+        """What to do with an attempt's reply that came after its deadline: free the lock it took."""
+
+        def free(reply: Any) -> None:
+            if is_acquisition(reply):
+                run_bound(self.redis, self._release_script, token)
+
+        return free
+
     def _abandon(self, token: str, member: bytes | None) -> None:
+        """Best effort, within CLEANUP_GRACE: leave the queue, free the lock if ours."""
+        deadline = time.monotonic() + CLEANUP_GRACE
         get_watchdog().untrack(self, wait=0)
         if member is not None:
-            self._leave_queue(member)
+            self._leave_queue(member, deadline)
         try:
-            run_bound(self.redis, self._release_script, token)
+            run_bound(self.redis, self._release_script, token, deadline=deadline)
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -288,11 +346,13 @@ class DistributedLock(LockCore):
         token = self._held_token()
         if token is None:
             return False
+        started = time.monotonic()
         args = self._release_args(token, note)
         if self._tracked:
             get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
+        deadline = max(self.operation_deadline(started), time.monotonic() + CLEANUP_GRACE)
         try:
-            reply = run_bound(self.redis, self._release_script, *args)
+            reply = run_bound(self.redis, self._release_script, *args, deadline=deadline)
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
         return self._finish_release(token, reply)
@@ -312,7 +372,9 @@ class DistributedLock(LockCore):
         sent_at = time.monotonic()
         try:
             args = self._extend_args(token, lease_ms, replace)
-            result = int(run_script(self.redis, EXTEND, [self.keys.lock], args))
+            result = int(
+                run_script(self.redis, EXTEND, [self.keys.lock], args, self.operation_deadline(sent_at))
+            )
         except RedisError as exc:
             raise backend_error(self.redis, "extend", self.name, exc) from exc
         if result < 0:
@@ -328,14 +390,16 @@ class DistributedLock(LockCore):
     def is_locked_by_anyone(self) -> bool:
         """Whether any owner holds this lock name right now (one round trip)."""
         try:
-            return bool(self.redis.exists(self.keys.lock))
+            deadline = self.operation_deadline(time.monotonic())
+            return bool(run_command(self.redis, "EXISTS", self.keys.lock, deadline=deadline))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
 
     def read_holder(self) -> str | None:
         """The token of whoever holds this lock name right now, or None (one round trip)."""
         try:
-            value = self.redis.get(self.keys.lock)
+            deadline = self.operation_deadline(time.monotonic())
+            value = run_command(self.redis, "GET", self.keys.lock, deadline=deadline)
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
         return value.decode() if isinstance(value, bytes) else value
@@ -346,7 +410,8 @@ class DistributedLock(LockCore):
         if token is None:
             return False
         try:
-            return bool(run_script(self.redis, IS_OWNER, [self.keys.lock], [token]))
+            deadline = self.operation_deadline(time.monotonic())
+            return bool(run_script(self.redis, IS_OWNER, [self.keys.lock], [token], deadline))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
 

@@ -386,9 +386,9 @@ def test_handover_before_the_waiter_registered_is_not_missed(
         original = DistributedLock._attempt
 
         async def attempt_then_release(
-            self: DistributedLock, token: str, mode: bytes, member: bytes | None
+            self: DistributedLock, token: str, mode: bytes, member: bytes | None, *plan: Any
         ) -> Any:
-            reply = await original(self, token, mode, member)
+            reply = await original(self, token, mode, member, *plan)
             if self is waiter and mode == JOIN:
                 seen = notifier.messages
                 await holder.release()

@@ -189,8 +189,10 @@ def test_handover_before_the_waiter_registered_is_not_missed(
     holder.acquire()
     original = DistributedLock._attempt
 
-    def attempt_then_release(self: DistributedLock, token: str, mode: bytes, member: bytes | None) -> Any:
-        reply = original(self, token, mode, member)
+    def attempt_then_release(
+        self: DistributedLock, token: str, mode: bytes, member: bytes | None, *plan: Any
+    ) -> Any:
+        reply = original(self, token, mode, member, *plan)
         if self is waiter and mode == JOIN:
             seen = notifier.messages
             holder.release()
