@@ -18,16 +18,23 @@ writes the command, packed by :func:`pack_command`, and reads its reply itself:
   so no later command can read its reply.
 
 A checkout from redis-py's pool costs more CPU than the lock's own work (locks,
-metrics, a readiness check), so two kinds of client skip it:
+metrics, a readiness check), and it may reconnect - under the client's own retry
+policy and timeouts, which a lock operation cannot bound - so two kinds of client skip it:
 
 * a ``single_connection_client`` is served on its own connection, under the
   client's own lock, as ``execute_command`` serves it (once closed, its commands
   go through the pool, again as redis-py does);
-* a client given to :func:`dedicate_connection` (the Celery layer's own clients)
-  keeps one pool connection for the lock's scripts, taken at the first script and
-  used by one call at a time, like a single-connection client that connects
-  lazily, so that an unreachable Redis shows up as an error of a lock command.
-  Its other commands use the pool as usual.
+* every other client with a pool of at least ``MIN_POOL_FOR_DEDICATED`` connections
+  (not a ``BlockingConnectionPool``, no streaming credentials) keeps one pool
+  connection for the lock's scripts, taken at the first script and used by one call
+  at a time, like a single-connection client that connects lazily, so that an
+  unreachable Redis shows up as an error of a lock command. It goes back to the pool
+  when the client is garbage-collected. Its other commands use the pool as usual.
+
+With a deadline (every lock operation has one, see :mod:`celery_dlock.deadline`), a
+reply is awaited on the caller's thread only on a connection that is connected; a call
+that must connect, or borrow from the pool, runs on a helper thread and is given up at
+the deadline.
 
 A single-connection client's connection is used as redis-py uses it (a connection
 the server closed fails its command, and the retry policy sends it again). A
@@ -70,20 +77,22 @@ def script_channel(client: Any) -> ScriptChannel | None:
         pass
     except TypeError:  # not weak-referenceable: some wrapper we do not know
         return None
-    channel = ScriptChannel(client) if _understood(client) else None
+    if _understood(client):
+        channel: ScriptChannel | None = ScriptChannel(client, dedicated=_may_dedicate(client.connection_pool))
+    else:
+        channel = None
     _channels[client] = channel
     return channel
 
 
 def dedicate_connection(client: Any) -> None:
     """Have the lock's scripts on ``client`` keep one connection instead of a checkout per
-    script (see the module docstring).
+    script (see the module docstring; the default for the clients it applies to).
 
-    Meant for a long-lived client with a pool of its own, such as one made from a URL:
-    its pool counts the kept connection as in use for as long as the client lives (a
-    client dropped while others share its pool leaves that connection behind). Ignored
-    for clients the channel does not understand, a ``BlockingConnectionPool``, a pool of
-    fewer than ``MIN_POOL_FOR_DEDICATED`` connections, and a streaming credential provider.
+    Its pool counts the kept connection as in use until the client is garbage-collected.
+    Ignored for clients the channel does not understand, a ``BlockingConnectionPool``, a
+    pool of fewer than ``MIN_POOL_FOR_DEDICATED`` connections, and a streaming credential
+    provider.
     """
     if _understood(client) and _may_dedicate(client.connection_pool):
         _channels[client] = ScriptChannel(client, dedicated=True)
@@ -235,7 +244,7 @@ class ScriptChannel:
         dedicated_lock = self._dedicated_lock
         if dedicated_lock is not None and not dedicated_lock.locked():
             return self._dedicated is None or not _is_connected(self._dedicated)
-        return _pool_would_connect(self._pool)
+        return True  # a pool checkout may reconnect, under the client's own settings
 
     def _pack(self, command: tuple[Any, ...]) -> bytes:
         return pack_command(command, self._encoding, self._encoding_errors)
@@ -260,12 +269,16 @@ class ScriptChannel:
                     if deadline is not None:
                         raise _MustConnect
                     conn = self._dedicated = self._pool.get_connection()
+                    # Back to the pool when this channel (its client) is gone.
+                    weakref.finalize(self, _give_back, self._pool, conn, os.getpid())
                 else:
                     _make_ready(conn, self._pool)
                     _check_connected(conn, deadline)
                 return _on_kept_connection(conn, packed, read, deadline)
             finally:
                 dedicated_lock.release()
+        if deadline is not None:
+            raise _MustConnect  # a checkout may reconnect: only on a helper thread
         conn = self._pool.get_connection()
         try:
             return _send_and_read(conn, packed, read, deadline)
@@ -324,13 +337,9 @@ def _is_connected(conn: Any) -> bool:
     return getattr(conn, "_sock", None) is not None
 
 
-def _pool_would_connect(pool: Any) -> bool:
-    """Whether the pool's next checkout connects: no idle connection, or a disconnected one.
-    (A pool we cannot look into counts as connecting: the call then runs on a helper.)"""
-    idle = getattr(pool, "_available_connections", None)
-    if not isinstance(idle, list) or not idle:
-        return True
-    return not _is_connected(idle[-1])
+def _give_back(pool: Any, conn: Any, pid: int) -> None:
+    if os.getpid() == pid:  # a forked child's pool starts afresh
+        pool.release(conn)
 
 
 def _check_connected(conn: Any, deadline: float | None) -> None:

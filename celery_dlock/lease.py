@@ -41,8 +41,11 @@ RENEWAL_DRAIN_WAIT = 2.0
 MIN_WAIT_AFTER_ERROR = 0.05
 
 # Every lock operation ends on its own deadline (see AttemptPlan.attempt_deadline and
-# LockCore.operation_deadline); a best-effort clean-up after it (leaving the waiters
-# queue, freeing a lock an unanswered attempt may have taken) gets this much more.
+# LockCore.operation_deadline). An attempt sent just before blocking_timeout still gets
+# LAST_ATTEMPT_GRACE for its reply, and the one best-effort clean-up after a failed
+# acquire (leaving the waiters queue, freeing a lock an unanswered attempt may have
+# taken) gets CLEANUP_GRACE: acquire ends within blocking_timeout + 0.75 s.
+LAST_ATTEMPT_GRACE = 0.25
 CLEANUP_GRACE = 0.5
 
 
@@ -137,13 +140,13 @@ class AttemptPlan:
 
     def attempt_deadline(self, now: float) -> float:
         """When an attempt sent at ``now`` stops waiting for its reply: one lease from now,
-        and never later than CLEANUP_GRACE past ``blocking_timeout``. An attempt that got
+        and never later than LAST_ATTEMPT_GRACE past ``blocking_timeout``. An attempt that got
         no reply by then ends the acquire (its late reply could take the lock for this
         acquire's token)."""
         if self._deadline is None:
             return now + self._timeout
-        # The last attempt may start at blocking_timeout: it still gets CLEANUP_GRACE.
-        return min(max(self._deadline, now) + CLEANUP_GRACE, now + self._timeout)
+        # The last attempt may start at blocking_timeout: it still gets a moment.
+        return min(max(self._deadline, now) + LAST_ATTEMPT_GRACE, now + self._timeout)
 
     def may_retry(self, now: float) -> bool:
         """Whether another attempt will follow a failed one (checked before subscribing)."""

@@ -204,6 +204,7 @@ class DistributedLock(LockCore):
         self.redis = check_sync_client(redis)
         self._bind_scripts(self.redis)
         self._inbox_cache: tuple[int, ReleaseNotifier, Inbox[threading.Event]] | None = None
+        self._cleaned_up: str | None = None  # the token _abandon last cleaned up after
 
     # -- acquire -------------------------------------------------------------------
 
@@ -289,6 +290,7 @@ class DistributedLock(LockCore):
                 deadline=deadline,
                 on_late=late,
             )
+            self._cleaned_up = None  # it may have queued us (again)
             reply = self._take_reply(raw, token, sent_at)
             if reply.acquired and self._watched:
                 self._tracked = True
@@ -318,7 +320,11 @@ class DistributedLock(LockCore):
         return free
 
     def _abandon(self, token: str, member: bytes | None) -> None:
-        """Best effort, within CLEANUP_GRACE: leave the queue, free the lock if ours."""
+        """Best effort, within CLEANUP_GRACE: leave the queue, free the lock if ours
+        (once: a failed attempt's clean-up is not repeated when the acquire then ends)."""
+        if self._cleaned_up == token:
+            return
+        self._cleaned_up = token
         deadline = time.monotonic() + CLEANUP_GRACE
         get_watchdog().untrack(self, wait=0)
         if member is not None:

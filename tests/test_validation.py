@@ -209,7 +209,8 @@ def test_options_and_keys_built_per_lock_equal_what_their_constructors_make() ->
         fence="p:{job}:fence",
         waiters="p:{job}:waiters",
         note="p:{job}:note",
+        released="p:{job}:released",
         acquire_keys=("p:{job}", "p:{job}:fence", "p:{job}:waiters"),
-        release_keys=("p:{job}", "p:{job}:waiters", "p:{job}:fence"),
+        release_keys=("p:{job}", "p:{job}:waiters", "p:{job}:fence", "p:{job}:released"),
     )
     assert keys == expected and set(vars(keys)) == {f.name for f in dataclasses.fields(LockKeys)}
