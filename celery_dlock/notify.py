@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery_dlock.connection import notifier_key
+from celery_dlock.deadline import call_before
 from celery_dlock.inbox import CONFIRM_TIMEOUT, DEAD_CONNECTION, Inbox, Waiter, WaiterRegistry
 
 logger = logging.getLogger("celery_dlock")
@@ -34,7 +35,8 @@ class ReleaseNotifier:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._pubsub: Any = None
-        self._mutex = threading.Lock()
+        self._mutex = threading.Lock()  # the registry's; never held during I/O
+        self._writing = threading.Lock()  # one writer at a time on the pub/sub connection
         self._registry: WaiterRegistry[threading.Event] = WaiterRegistry(threading.Event)
         self._subscribed: set[str] = set()  # channels a SUBSCRIBE was sent for
         self._thread: threading.Thread | None = None
@@ -62,16 +64,17 @@ class ReleaseNotifier:
         waiter = Waiter(threading.Event())
         with self._mutex:
             self._registry.register(token, waiter)
-            subscribed = inbox.channel in self._subscribed
-            if not subscribed:
-                try:
-                    self._subscribe(inbox.channel)
-                    self._subscribed.add(inbox.channel)
-                    subscribed = True
-                except Exception as exc:  # Redis down: the waiter falls back to its timer.
-                    logger.debug("subscribe to %s failed: %r", inbox.channel, exc)
+            first = inbox.channel not in self._subscribed
+            self._subscribed.add(inbox.channel)  # one SUBSCRIBE per channel, however long it takes
+        if first:
+            # On a helper thread, given up after confirm_timeout: a SUBSCRIBE that has to
+            # connect runs under the client's own timeouts and retries.
+            try:
+                call_before(time.monotonic() + confirm_timeout, lambda: self._subscribe(inbox.channel))
+            except Exception as exc:  # Redis down or slow: the waiter falls back to its timer.
+                logger.debug("subscribe to %s failed: %r", inbox.channel, exc)
         try:
-            if subscribed and inbox.live_generation is None:
+            if inbox.channel in self._subscribed and inbox.live_generation is None:
                 inbox.confirmed.wait(confirm_timeout)
             yield waiter
         finally:
@@ -79,14 +82,21 @@ class ReleaseNotifier:
                 self._registry.unregister(token)
 
     def _subscribe(self, channel: str) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._client.pubsub()
-        self._pubsub.subscribe(channel)
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._read_forever, name="celery-dlock-notify", daemon=True
-            )
-            self._thread.start()
+        try:
+            with self._writing:
+                if self._pubsub is None:
+                    self._pubsub = self._client.pubsub()
+                self._pubsub.subscribe(channel)
+        except BaseException:
+            with self._mutex:
+                self._subscribed.discard(channel)  # the next waiter tries again
+            raise
+        with self._mutex:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._read_forever, name="celery-dlock-notify", daemon=True
+                )
+                self._thread.start()
 
     def _read_forever(self) -> None:
         backoff = 0.05
@@ -103,17 +113,17 @@ class ReleaseNotifier:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            # Under the mutex: a waiter's SUBSCRIBE writes on the same connection.
             with self._mutex:
                 action = self._registry.after_read(message, time.monotonic())
-                try:
-                    if action == "ping":
+            try:
+                if action == "ping":
+                    with self._writing:  # a waiter's SUBSCRIBE writes on the same connection
                         self._pubsub.ping()
-                    elif action == "reconnect":
-                        logger.warning(DEAD_CONNECTION)
-                        self._pubsub.connection.disconnect()
-                except Exception as exc:  # the next read sees (and handles) a broken connection
-                    logger.debug("release notifier health check: %r", exc)
+                elif action == "reconnect":
+                    logger.warning(DEAD_CONNECTION)
+                    self._pubsub.connection.disconnect()
+            except Exception as exc:  # the next read sees (and handles) a broken connection
+                logger.debug("release notifier health check: %r", exc)
 
 
 _notifiers: dict[tuple[Any, ...], ReleaseNotifier] = {}

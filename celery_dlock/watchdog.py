@@ -17,6 +17,7 @@ parent's locks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery_dlock.channel import script_channel
+from celery_dlock.deadline import call_before
 from celery_dlock.lease import LockCore
 from celery_dlock.schedule import Batch, RenewalSchedule
 from celery_dlock.scripts import EXTEND, Script
@@ -36,29 +38,39 @@ logger = logging.getLogger("celery_dlock")
 IO_THREADS = 16
 
 
-def run_script_batch(client: Any, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-    """Run ``script`` once per (keys, args) in one pipeline; errors come back as exception objects."""
+def run_script_batch(
+    client: Any, script: Script, calls: list[tuple[list[str], list[Any]]], deadline: float | None = None
+) -> list[Any]:
+    """Run ``script`` once per (keys, args) in one pipeline; errors come back as exception objects.
+
+    ``deadline``: no answer by then raises DeadlineExceeded (see celery_dlock.deadline).
+    """
     from redis.exceptions import NoScriptError
 
     channel = script_channel(client)
     for _ in range(2):
         if channel is not None:
             commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
-            results = channel.execute_batch(commands)
+            results = channel.execute_batch(commands, deadline=deadline)
         else:
             pipe = client.pipeline(transaction=False)
             for keys, args in calls:
                 # execute_command, not .evalsha(): cluster pipelines block the helper method
                 # (the command itself routes fine: all keys of a call share one slot).
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            results = pipe.execute(raise_on_error=False)
+            if deadline is None:
+                results = pipe.execute(raise_on_error=False)
+            else:
+                results = call_before(deadline, functools.partial(pipe.execute, raise_on_error=False))
         if not any(isinstance(r, NoScriptError) for r in results):
             return results
         # The server lost its script cache (a restart): load it, the way the batch went.
         if channel is not None:
-            channel.execute("SCRIPT", "LOAD", script.source_bytes)
-        else:
+            channel.execute("SCRIPT", "LOAD", script.source_bytes, deadline=deadline)
+        elif deadline is None:
             client.script_load(script.source_bytes)
+        else:
+            call_before(deadline, lambda: client.script_load(script.source_bytes))
     return results
 
 
@@ -145,7 +157,9 @@ class RenewalWatchdog:
         error: Exception | None = None
         replies: list[Any] | None = None
         try:
-            replies = run_script_batch(batch.client, EXTEND, batch.calls())
+            # Never waiting past the batch's deadline: its shortest lease is reported
+            # lost by then, and the client gets a new batch.
+            replies = run_script_batch(batch.client, EXTEND, batch.calls(), batch.deadline)
         except Exception as exc:
             error = exc
         with self._cond:
