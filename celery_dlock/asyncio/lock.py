@@ -21,10 +21,12 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from celery_dlock.connection import first_sight, report_eviction_policy
+from celery_dlock.deadline import DeadlineExceeded
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
+    CLEANUP_GRACE,
     RENEWAL_DRAIN_WAIT,
     AcquireReply,
     AttemptPlan,
@@ -52,10 +54,22 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     return task
 
 
-async def check_server(client: Any) -> None:
+async def within(deadline: float, call: Awaitable[Any]) -> Any:
+    """``call``'s result if it ends before ``deadline`` (monotonic), else DeadlineExceeded.
+
+    ``call`` runs as a task of its own that a deadline does not cancel (a reply on its
+    way is still read; see the callers for what a late one does)."""
+    task = call if isinstance(call, asyncio.Task) else _spawn(call)  # type: ignore[arg-type]
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("no answer from Redis before the lock operation's deadline") from None
+
+
+async def check_server(client: Any, deadline: float) -> None:
     """The asyncio twin of :func:`celery_dlock.lock.check_server`."""
     try:
-        reply = await client.config_get("maxmemory-policy")
+        reply = await within(deadline, client.config_get("maxmemory-policy"))
     except Exception as exc:
         report_eviction_policy(client, None, exc)
     else:
@@ -130,6 +144,7 @@ class DistributedLock(LockCore):
         super().__init__(options)
         self.redis = check_async_client(redis)
         self._bind_scripts(self.redis)
+        self._cleaned_up: str | None = None  # the token _abandon last cleaned up after
         self._inbox_cache: (
             tuple[asyncio.AbstractEventLoop, int, AsyncReleaseNotifier, Inbox[asyncio.Event]] | None
         ) = None
@@ -140,19 +155,18 @@ class DistributedLock(LockCore):
         """Take the lock; True on success. Same attempts and waiting as the sync lock."""
         check_bool("blocking", blocking)
         token = self._start_attempt()
+        plan = AttemptPlan(self.options, blocking, time.monotonic())
         if first_sight(self.redis):
-            await check_server(self.redis)
+            await check_server(self.redis, plan.attempt_deadline(time.monotonic()))
         if not blocking or self._blocking_mode == TRY:
-            reply = await self._attempt(token, TRY, None)
+            reply = await self._attempt(token, TRY, None, plan)
             return reply.acquired or reply.give_up()
-        started = time.monotonic()
         notifier, inbox = self._inbox()
         live = inbox.live_generation  # was a handover to us sure to be delivered?
         member = inbox.member(token)
-        reply = await self._attempt(token, JOIN, member)
+        reply = await self._attempt(token, JOIN, member, plan)
         if reply.acquired:
             return True
-        plan = AttemptPlan(self.options, blocking, started)
         try:
             if not plan.may_retry(time.monotonic()):
                 return await self._give_up(token, member, reply)
@@ -160,7 +174,7 @@ class DistributedLock(LockCore):
                 if live is None or inbox.live_generation != live:
                     # Queued before this loop's inbox was (still) subscribed: a
                     # handover may already have happened unheard.
-                    reply = await self._attempt(token, WAIT, member)
+                    reply = await self._attempt(token, WAIT, member, plan)
                 while not reply.acquired:
                     wait = plan.next_wait(reply, time.monotonic())
                     if wait is None:
@@ -173,7 +187,7 @@ class DistributedLock(LockCore):
                     except asyncio.TimeoutError:
                         pass
                     waiter.wake.clear()
-                    reply = await self._attempt(token, WAIT, member)
+                    reply = await self._attempt(token, WAIT, member, plan)
         except BaseException:
             if self._token != token:  # cancelled or interrupted while waiting: leave the queue
                 _spawn(self._abandon(token, member))  # (and free the lock if it was just handed to us)
@@ -196,25 +210,27 @@ class DistributedLock(LockCore):
         await self._abandon(token, member)
         return reply.give_up()
 
-    async def _leave_queue(self, member: bytes) -> None:
+    async def _leave_queue(self, member: bytes, deadline: float) -> None:
         try:
-            await self.redis.zrem(self.keys.waiters, member)
+            await within(deadline, self.redis.zrem(self.keys.waiters, member))
         except RedisError as exc:
             logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
 
-    async def _attempt(self, token: str, mode: bytes, member: bytes | None) -> AcquireReply:
+    async def _attempt(
+        self, token: str, mode: bytes, member: bytes | None, plan: AttemptPlan
+    ) -> AcquireReply:
         """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY)."""
         sent_at = time.monotonic()
-        if member is None:
-            run = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode)
-        else:
-            run = run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode, member)
-        call = _spawn(run)
+        queue = () if member is None else (member,)
+        call = _spawn(run_bound(self.redis, self._acquire_script, token, self._lease_arg, mode, *queue))
         try:
-            raw = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            # The script may still run (or have run): release whatever it takes.
+            raw = await within(plan.attempt_deadline(sent_at), call)
+        except (asyncio.CancelledError, DeadlineExceeded) as exc:
+            # The script may still run (or have run): release whatever it takes, once its
+            # reply is in. No reply in time ends the acquire (see AttemptPlan.attempt_deadline).
             _spawn(self._abandon(token, member, call))
+            if isinstance(exc, DeadlineExceeded):
+                raise backend_error(self.redis, "acquire", self.name, exc) from exc
             raise
         except RedisError as exc:
             # Awaited, not spawned: this acquire goes on with the same token, so the
@@ -225,6 +241,7 @@ class DistributedLock(LockCore):
                 raise error from exc
             error.__cause__ = exc
             return AcquireReply(acquired=False, error=error)
+        self._cleaned_up = None  # it may have queued us (again)
         reply = self._take_reply(raw, token, sent_at)
         if reply.acquired and self._watched:
             self._tracked = True
@@ -232,16 +249,22 @@ class DistributedLock(LockCore):
         return reply
 
     async def _abandon(self, token: str, member: bytes | None, call: Awaitable[Any] | None = None) -> None:
+        """Best effort, within CLEANUP_GRACE of ``call``'s end (if given: an attempt whose
+        reply is awaited first): leave the queue, free the lock if ours; once per failure."""
+        if self._cleaned_up == token:
+            return
+        self._cleaned_up = token
         if call is not None:
             try:
                 await call
             except BaseException:
                 pass
+        deadline = time.monotonic() + CLEANUP_GRACE
         get_watchdog().untrack_now(self)
         if member is not None:
-            await self._leave_queue(member)
+            await self._leave_queue(member, deadline)
         try:
-            await run_bound(self.redis, self._release_script, token)
+            await within(deadline, run_bound(self.redis, self._release_script, token))
         except Exception as exc:
             logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
         if self._token == token:
@@ -257,14 +280,19 @@ class DistributedLock(LockCore):
         token = self._held_token()
         if token is None:
             return False
+        started = time.monotonic()
         args = self._release_args(token, note)
         if self._tracked:
             await get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
+        deadline = max(self.operation_deadline(started), time.monotonic() + CLEANUP_GRACE)
         call = _spawn(run_bound(self.redis, self._release_script, *args))
         try:
-            reply = await asyncio.shield(call)
-        except asyncio.CancelledError:
+            reply = await within(deadline, call)
+        except (asyncio.CancelledError, DeadlineExceeded) as exc:
+            # Its reply, if one comes, still settles this object.
             call.add_done_callback(lambda done: self._released_in_background(token, done))
+            if isinstance(exc, DeadlineExceeded):
+                raise backend_error(self.redis, "release", self.name, exc) from exc
             raise
         except RedisError as exc:
             raise backend_error(self.redis, "release", self.name, exc) from exc
@@ -289,7 +317,8 @@ class DistributedLock(LockCore):
         sent_at = time.monotonic()
         try:
             args = self._extend_args(token, lease_ms, replace)
-            result = int(await run_script(self.redis, EXTEND, [self.keys.lock], args))
+            deadline = self.operation_deadline(sent_at)
+            result = int(await within(deadline, run_script(self.redis, EXTEND, [self.keys.lock], args)))
         except RedisError as exc:
             raise backend_error(self.redis, "extend", self.name, exc) from exc
         if result < 0:
@@ -305,14 +334,15 @@ class DistributedLock(LockCore):
     async def is_locked_by_anyone(self) -> bool:
         """Whether any owner holds this lock name right now (one round trip)."""
         try:
-            return bool(await self.redis.exists(self.keys.lock))
+            deadline = self.operation_deadline(time.monotonic())
+            return bool(await within(deadline, self.redis.exists(self.keys.lock)))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
 
     async def read_holder(self) -> str | None:
         """The token of whoever holds this lock name right now, or None (one round trip)."""
         try:
-            value = await self.redis.get(self.keys.lock)
+            value = await within(self.operation_deadline(time.monotonic()), self.redis.get(self.keys.lock))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
         return value.decode() if isinstance(value, bytes) else value
@@ -323,7 +353,8 @@ class DistributedLock(LockCore):
         if token is None:
             return False
         try:
-            return bool(await run_script(self.redis, IS_OWNER, [self.keys.lock], [token]))
+            deadline = self.operation_deadline(time.monotonic())
+            return bool(await within(deadline, run_script(self.redis, IS_OWNER, [self.keys.lock], [token])))
         except RedisError as exc:
             raise backend_error(self.redis, "inspect", self.name, exc) from exc
 

@@ -31,6 +31,7 @@ class AsyncReleaseNotifier:
         self._pubsub: Any = None
         self._registry: WaiterRegistry[asyncio.Event] = WaiterRegistry(asyncio.Event)
         self._subscribed: set[str] = set()  # channels a SUBSCRIBE was sent for
+        self._subscribing: set[asyncio.Task[None]] = set()  # SUBSCRIBEs under way (kept referenced)
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -55,16 +56,20 @@ class AsyncReleaseNotifier:
         waiter = Waiter(asyncio.Event())
         self._registry.register(token, waiter)
         try:
-            subscribed = inbox.channel in self._subscribed
-            if not subscribed:
+            if inbox.channel not in self._subscribed:
                 self._subscribed.add(inbox.channel)  # before awaiting: one SUBSCRIBE per inbox
+                # A task of its own, waited for at most confirm_timeout: a SUBSCRIBE that
+                # has to connect runs under the client's own timeouts and retries.
+                subscribing = asyncio.get_running_loop().create_task(self._subscribe(inbox.channel))
+                self._subscribing.add(subscribing)
+                subscribing.add_done_callback(self._subscribing.discard)
                 try:
-                    await self._subscribe(inbox.channel)
-                    subscribed = True
-                except Exception as exc:  # Redis down: the waiter falls back to its timer.
-                    self._subscribed.discard(inbox.channel)
+                    await asyncio.wait_for(asyncio.shield(subscribing), confirm_timeout)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis down or slow: the waiter falls back to its timer.
                     logger.debug("subscribe to %s failed: %r", inbox.channel, exc)
-            if subscribed and inbox.live_generation is None:
+            if inbox.channel in self._subscribed and inbox.live_generation is None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(inbox.confirmed.wait(), confirm_timeout)
             yield waiter
@@ -72,9 +77,13 @@ class AsyncReleaseNotifier:
             self._registry.unregister(token)
 
     async def _subscribe(self, channel: str) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._client.pubsub()
-        await self._pubsub.subscribe(channel)
+        try:
+            if self._pubsub is None:
+                self._pubsub = self._client.pubsub()
+            await self._pubsub.subscribe(channel)
+        except BaseException:
+            self._subscribed.discard(channel)  # the next waiter tries again
+            raise
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
