@@ -56,7 +56,7 @@ from celery.schedules import schedstate
 from celery.schedules import schedule as interval_schedule
 from redis.exceptions import RedisError
 
-from celery_dlock.celery.config import lock_prefix, lock_redis_url, redis_client_for_app, setting
+from celery_dlock.celery.config import lock_prefix, lock_store, redis_client_for_app, setting
 from celery_dlock.errors import LockError
 from celery_dlock.keys import check_name
 from celery_dlock.lock import DistributedLock, run_script
@@ -282,7 +282,7 @@ class LockedScheduler(PersistentScheduler):  # type: ignore[misc]
         self.lease = beat_lease(app.conf)
         self.lock_name = beat_lock_name(app)
         self.lock_prefix = lock_prefix(app.conf)
-        lock_redis_url(app.conf)  # a malformed URL fails here, not at the first tick
+        lock_store(app.conf)  # a missing or malformed lock store fails here, not at the first tick
         self.renew_every = self.lease / RENEWALS_PER_LEASE
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self._lock: DistributedLock | None = None

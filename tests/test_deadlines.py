@@ -43,7 +43,9 @@ def ends_within(seconds: float, call: object) -> tuple[float, object]:
     return took, outcome
 
 
-def test_a_waiter_whose_redis_is_killed_ends_on_its_blocking_timeout(own_redis: RedisServer, name: str) -> None:
+def test_a_waiter_whose_redis_is_killed_ends_on_its_blocking_timeout(
+    own_redis: RedisServer, name: str
+) -> None:
     client = redis.Redis(port=own_redis.port)  # retries with exponential backoff, no timeouts
     holder = DistributedLock(redis.Redis(port=own_redis.port), name, timeout=30)
     assert holder.acquire()
@@ -54,7 +56,7 @@ def test_a_waiter_whose_redis_is_killed_ends_on_its_blocking_timeout(own_redis: 
     time.sleep(1.0)  # queued and waiting
     own_redis.kill()
     thread.join(30)
-    [(took, outcome)] = result
+    [(_, outcome)] = result
     assert outcome is False or isinstance(outcome, LockBackendUnavailable)
     assert waiter.token is None
 

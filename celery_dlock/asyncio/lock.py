@@ -61,9 +61,17 @@ async def within(deadline: float, call: Awaitable[Any]) -> Any:
     way is still read; see the callers for what a late one does)."""
     task = call if isinstance(call, asyncio.Task) else _spawn(call)  # type: ignore[arg-type]
     try:
-        return await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+        if _timeout_at is None:  # Python 3.10
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+        # (asyncio.timeout_at costs a timer handle; wait_for, before 3.12, a task more.)
+        loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+        async with _timeout_at(loop_deadline):
+            return await asyncio.shield(task)
     except asyncio.TimeoutError:
         raise DeadlineExceeded("no answer from Redis before the lock operation's deadline") from None
+
+
+_timeout_at: Any = getattr(asyncio, "timeout_at", None)
 
 
 async def check_server(client: Any, deadline: float) -> None:

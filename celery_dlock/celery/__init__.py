@@ -9,7 +9,7 @@
 See docs/celery.md.
 """
 
-from celery_dlock.celery.errors import TaskSkipped
+from celery_dlock.celery.errors import LockStoreNotConfigured, TaskSkipped
 from celery_dlock.celery.install import install
 from celery_dlock.celery.policies import Fail, Retry, Skip, Wait
 from celery_dlock.celery.runner import current_lock
@@ -19,6 +19,7 @@ from celery_dlock.celery.tasklock import TaskLock
 
 __all__ = [
     "Fail",
+    "LockStoreNotConfigured",
     "LockedTask",
     "Retry",
     "Skip",

@@ -7,7 +7,14 @@ them by the process that calls ``AsyncResult.get()``.
 
 from __future__ import annotations
 
+from celery.exceptions import ImproperlyConfigured
+
 from celery_dlock.errors import LockNotAcquired
+
+
+class LockStoreNotConfigured(ImproperlyConfigured):  # type: ignore[misc]
+    """The app has no usable lock store: the message names the setting to fix
+    (``dlock_redis_url``, ``dlock_redis_client``, or the transport options)."""
 
 
 class TaskSkipped(LockNotAcquired):

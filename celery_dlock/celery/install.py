@@ -46,7 +46,7 @@ from celery.signals import worker_init
 from celery.utils.imports import symbol_by_name
 
 from celery_dlock.celery import dedup
-from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.config import check_lock_store_at_start, redis_client_for_app
 from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import run_locked
 from celery_dlock.celery.settings import OPTION_NAMES, TaskLockConfig, build_config, run_signature
@@ -253,6 +253,7 @@ def install(app: Any, tasks: Mapping[str, Mapping[str, Any]] | None = None) -> I
         installation.add(tasks)
     if first:
         app.annotations = [LockingAnnotations(installation)]
+        check_lock_store_at_start(app)
 
         def on_worker_init(sender: Any = None, **_: Any) -> None:
             if getattr(sender, "app", None) is app:

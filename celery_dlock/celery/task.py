@@ -22,7 +22,7 @@ from celery import Task
 from celery.utils.imports import symbol_by_name
 
 from celery_dlock.celery import dedup
-from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.config import check_lock_store, redis_client_for_app
 from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import current_lock, run_locked
 from celery_dlock.celery.settings import (
@@ -43,6 +43,9 @@ class LockedTask(Task):  # type: ignore[misc]
     running body reads it as ``self.lock`` (``bind=True``): ``self.lock.key``,
     ``self.lock.fence``, ``self.lock.ensure_held()``.
     """
+
+    #: Marks the tasks whose app must have a lock store (checked when a worker starts).
+    dlock_locked = True
 
     #: Frees the lock of a pool process that dies mid-task (in the worker's main process).
     Request: Any = "celery_dlock.celery.request:LockedRequest"
@@ -103,6 +106,7 @@ class LockedTask(Task):  # type: ignore[misc]
         **options: Any,
     ) -> Any:
         config = self._lock_config()
+        check_lock_store(self.app)  # no lock store: an error naming the setting, not a guess
         everything = dict(options, link=link, link_error=link_error)
         if not dedup.should_deduplicate(config, everything, self.app):
             return super().apply_async(
