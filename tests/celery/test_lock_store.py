@@ -143,3 +143,37 @@ def test_a_cluster_client_from_the_factory_runs_locked_tasks(cluster: LocalClust
         return int(self.lock.fence)
 
     assert job.apply(args=(1,)).get() >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["cluster", "sentinel"])
+def test_workers_and_publishers_use_a_cluster_or_sentinel_store(
+    store: str, celery_env: dict[str, str], own_redis: RedisServer, cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    from tests.celery.conftest import start_worker
+
+    with SentinelServer(own_redis.port, master_name="locks") as sentinel:
+        monkeypatch.setenv("DLOCK_TEST_STORE", store)
+        monkeypatch.setenv("DLOCK_TEST_CLUSTER_PORT", str(cluster.nodes[0].port))
+        monkeypatch.setenv("DLOCK_TEST_SENTINEL_URL", sentinel.url)
+        sys.modules.pop("tests.celery.apps.otherstores", None)
+        module = importlib.import_module("tests.celery.apps.otherstores")
+        worker = start_worker(module, concurrency=1)
+        try:
+            results = [module.fenced.delay(n).get(timeout=60) for n in (1, 1, 2)]
+        finally:
+            worker.stop()
+            sys.modules.pop("tests.celery.apps.otherstores", None)
+        assert results[1]["fence"] > results[0]["fence"]  # the same key, one store
+        prefix = module.app.conf.dlock_prefix
+        fence_key = f"{prefix}{{{results[0]['key']}}}:fence"
+        if store == "cluster":
+            from redis.cluster import RedisCluster
+
+            where = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        else:
+            where = redis.Redis(port=own_redis.port)  # the master the Sentinel names
+        assert int(where.get(fence_key)) == results[1]["fence"]
