@@ -1,14 +1,17 @@
 """The acceptance runs with RabbitMQ as broker and Redis as lock store and result backend.
 
-Skipped (with the reason) when nothing listens on 127.0.0.1:5672.
+Skipped (with the reason) when nothing listens on the broker's port - except in CI
+(``CI=true``), where a missing RabbitMQ is a failure: CI must run these.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
 from types import ModuleType
+from urllib.parse import urlparse
 
 import pytest
 
@@ -17,21 +20,31 @@ from tests.celery.apps.common import close_gate, open_gate, read_records, read_s
 from tests.celery.conftest import load_app, start_worker
 from tests.celery.helpers import assert_no_overlap, outcomes, send_concurrently, wait_until
 
+AMQP_ADDRESS = urlparse(os.environ.get("DLOCK_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+WHERE = (AMQP_ADDRESS.hostname or "127.0.0.1", AMQP_ADDRESS.port or 5672)
+IN_CI = os.environ.get("CI") == "true"
+
 
 def rabbitmq_listening() -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", 5672)) == 0
+        return sock.connect_ex(WHERE) == 0
 
 
+LISTENING = rabbitmq_listening()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not rabbitmq_listening(), reason="RabbitMQ is not listening on 127.0.0.1:5672"),
+    pytest.mark.skipif(
+        not LISTENING and not IN_CI, reason=f"RabbitMQ is not listening on {WHERE[0]}:{WHERE[1]}"
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def amqp(celery_env: dict[str, str]) -> Iterator[ModuleType]:
+    if not LISTENING:
+        where = f"{WHERE[0]}:{WHERE[1]}"
+        pytest.fail(f"CI=true and RabbitMQ is not listening on {where}: these tests must run in CI")
     module = load_app("amqp")
     module.worker = start_worker(module, concurrency=2)
     try:
