@@ -54,6 +54,8 @@ operation metrics.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import threading
 import time
@@ -65,6 +67,8 @@ import redis
 from redis.exceptions import DataError
 
 from celery_dlock.deadline import DeadlineExceeded, call_before
+
+logger = logging.getLogger("celery_dlock")
 
 _channels: weakref.WeakKeyDictionary[Any, ScriptChannel | None] = weakref.WeakKeyDictionary()
 
@@ -122,7 +126,70 @@ def _understood(client: Any) -> bool:
     if "EVALSHA" in client.response_callbacks or "EVAL" in client.response_callbacks:
         return False
     pool = client.connection_pool
-    return isinstance(pool, redis.ConnectionPool) and getattr(pool, "cache", None) is None
+    if not isinstance(pool, redis.ConnectionPool) or getattr(pool, "cache", None) is not None:
+        return False
+    return _internals_fit(type(pool), pool.connection_class)
+
+
+# What the channel needs of redis-py's internals, checked once per pool and connection
+# class (and redis-py version, as a process has one): where it does not hold, the lock
+# uses the client's public execute_command, which every version supports.
+_fits: dict[tuple[type, type], bool] = {}
+
+
+def _internals_fit(pool_class: type, connection_class: type) -> bool:
+    key = (pool_class, connection_class)
+    fit = _fits.get(key)
+    if fit is None:
+        missing = _missing_internals(pool_class, connection_class)
+        fit = _fits[key] = not missing
+        if missing:
+            logger.debug(
+                "celery-dlock: redis-py %s, %s/%s: lock scripts go through execute_command (%s)",
+                redis.__version__, pool_class.__name__, connection_class.__name__, "; ".join(missing),
+            )
+        else:
+            logger.debug(
+                "celery-dlock: redis-py %s, %s/%s: lock scripts go through the script channel",
+                redis.__version__, pool_class.__name__, connection_class.__name__,
+            )
+    return fit
+
+
+def _missing_internals(pool_class: type, connection_class: type) -> list[str]:
+    """The channel's assumptions about redis-py that these classes break (empty: all hold)."""
+    missing: list[str] = []
+
+    def callable_as(cls: type, method: str, *given: str) -> bool:
+        """Whether ``cls.method`` exists and takes the keyword arguments ``given``, every
+        other parameter having a default."""
+        function = getattr(cls, method, None)
+        if not callable(function):
+            return False
+        try:
+            parameters = list(inspect.signature(function).parameters.values())[1:]  # self
+        except (TypeError, ValueError):
+            return False
+        names = {p.name for p in parameters}
+        if any(name not in names for name in given) and not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return False
+        optional = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        required = [p for p in parameters if p.default is p.empty and p.kind not in optional]
+        return all(p.name in given for p in required)
+
+    if not callable_as(pool_class, "get_connection"):
+        missing.append("ConnectionPool.get_connection() needs arguments")
+    if not callable_as(pool_class, "release", "connection"):
+        missing.append("ConnectionPool.release(connection) differs")
+    for method, given in (
+        ("send_packed_command", ("command", "check_health")),
+        ("can_read", ("timeout",)),
+        ("read_response", ()),
+        ("disconnect", ()),
+    ):
+        if not callable_as(connection_class, method, *given):
+            missing.append(f"Connection.{method}({', '.join(given)}) differs")
+    return missing
 
 
 def _is_redis_py_execute_command(function: Any) -> bool:

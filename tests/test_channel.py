@@ -421,3 +421,24 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     for bad in (True, None, [1], object()):
         with pytest.raises(redis.DataError, match="Invalid input of type"):
             pack_command(("SET", bad), "utf-8", "strict")
+
+
+class ConnectionWithoutReadTimeout(redis.Connection):
+    """A connection class whose can_read() takes no timeout (redis-py's own code never passes one)."""
+
+    def can_read(self) -> bool:  # type: ignore[override]
+        return bool(super().can_read())
+
+
+def test_where_redis_py_internals_differ_the_lock_uses_execute_command(
+    redis_url: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="celery_dlock")
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=ConnectionWithoutReadTimeout)
+    client = redis.Redis(connection_pool=pool)
+    assert script_channel(client) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert any("execute_command" in line and "can_read" in line for line in said), said
+    lock = DistributedLock(client, name, timeout=5, auto_renewal=True)
+    assert lock.acquire() and lock.is_locked_by_me() and lock.extend(5) and lock.release()
+    assert script_channel(redis.Redis.from_url(redis_url)) is not None  # redis-py's own classes fit
