@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -61,8 +62,15 @@ logger = logging.getLogger("celery_dlock.celery")
 
 T = TypeVar("T")
 
-#: Request attribute holding the :class:`ActiveRun` that ``task_postrun`` releases.
-ACTIVE_ATTR = "_dlock_active"
+#: The runs whose lock ``task_postrun`` releases, by (task id, thread). Not kept on the
+#: request: Celery may run the body on a copy of it (``Task.__call__`` pushes one, e.g.
+#: when a base class's ``__call__`` calls ``super().__call__()``, and in eager mode), and
+#: pops that copy before ``task_postrun``.
+_active_runs: dict[tuple[str, int], ActiveRun] = {}
+
+
+def _run_key(task_id: str | None) -> tuple[str, int] | None:
+    return None if task_id is None else (task_id, threading.get_ident())
 #: Message header counting lock retries (separate from Celery's ``retries``).
 LOCK_RETRIES_HEADER = "dlock_lock_retries"
 #: Longest sleep between two attempts of a waiter that hears no release
@@ -113,7 +121,8 @@ def run_locked(
     client = redis_client_for_app(task.app)
     # A body that calls its own task in-process shares the running request: that
     # inner call must behave like a direct call (never re-queue the outer message).
-    nested = not request.called_directly and getattr(request, ACTIVE_ATTR, None) is not None
+    run_key = _run_key(request.id)
+    nested = not request.called_directly and run_key in _active_runs
     acquisition = Acquisition(task, config, client, args, kwargs, request, nested)
     held = _current_lock.get()
     if held is not None and held.keys.lock == acquisition.keys.lock:
@@ -136,7 +145,8 @@ def run_locked(
         _current_lock.reset(token)
         finish_run(active, state=states.SUCCESS)
         return result
-    setattr(request, ACTIVE_ATTR, active)
+    assert run_key is not None  # a run that is not called directly has a task id
+    _active_runs[run_key] = active
     try:
         return body()
     finally:
@@ -521,7 +531,7 @@ def _release_after_run(
     task = task if task is not None else sender
     if task is None:
         return
-    active = task.request.__dict__.pop(ACTIVE_ATTR, None)
+    active = _active_runs.pop(_run_key(task_id or task.request.id), None)  # type: ignore[arg-type]
     if active is not None:
         finish_run(active, "finished", state, retval)
 
