@@ -36,6 +36,7 @@ import functools
 import inspect
 import logging
 import threading
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -96,6 +97,7 @@ class Installation:
                 continue
             for key, value in attributes.items():
                 setattr(type(task), key, value)
+            _lock_instance_run(task)
             if task.__trace__ is not None:
                 # A tracer built earlier captured the unwrapped run; build it again.
                 task.__trace__ = build_tracer(task.name, task, app=self.app)
@@ -104,6 +106,22 @@ class Installation:
         for name in self.specs():
             if name not in self.app._tasks:
                 logger.warning("celery-dlock: task %r is listed for locking but is not registered", name)
+
+
+def _lock_instance_run(task: Any) -> None:
+    """A ``run`` that Celery set on the task object at registration shadows the locked
+    ``run`` of its class: ``autoretry_for`` wraps the original as ``task._orig_run``, so
+    that is what gets locked. Any other ``run`` on the object is an error naming the task
+    (a silent unlocked run is the one thing install() must never give)."""
+    if "run" not in task.__dict__:
+        return
+    if "_orig_run" in task.__dict__:
+        task._orig_run = types.MethodType(type(task).run, task)
+        return
+    raise TypeError(
+        f"task {task.name!r} cannot be locked by install(): its run was replaced on the task "
+        "object; call install() before the task is registered, or use base=LockedTask"
+    )
 
 
 class LockingAnnotations:
