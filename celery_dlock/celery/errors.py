@@ -7,7 +7,7 @@ them by the process that calls ``AsyncResult.get()``.
 
 from __future__ import annotations
 
-from celery.exceptions import ImproperlyConfigured
+from celery.exceptions import Ignore, ImproperlyConfigured
 
 from celery_dlock.errors import LockNotAcquired
 
@@ -40,3 +40,23 @@ class TaskSkipped(LockNotAcquired):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RunSkipped(Ignore):  # type: ignore[misc]
+    """Internal: how a skipped run ends in the pool process, its outcome already stored.
+
+    An ``Ignore`` for Celery's tracer (nothing else stored, no error logged); the worker's
+    main process (our request class) sends the one terminal event that matches the stored
+    state: ``task-failed`` for ``"failure"``, ``task-revoked`` for ``"revoked"``.
+    """
+
+    def __init__(self, message: str, state: str = "failure", exception: str = "") -> None:
+        super().__init__(message, state, exception)
+
+    @property
+    def state(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else "failure"
+
+    @property
+    def exception(self) -> str:
+        return str(self.args[2]) if len(self.args) > 2 else ""

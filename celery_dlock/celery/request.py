@@ -40,6 +40,7 @@ from celery.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.errors import RunSkipped
 from celery_dlock.celery.signals import lock_released
 from celery_dlock.celery.tasklock import Owner, release_owned_by
 from celery_dlock.keys import LockKeys
@@ -205,6 +206,12 @@ def locked_request_class(base: type) -> type:
                     exc = exc.exc
                 if isinstance(exc, PROCESS_ENDED):
                     release_abandoned(self, exc)
+                if isinstance(exc, RunSkipped):
+                    # Celery sends no event for an Ignore: send the terminal one the stored state implies.
+                    if exc.state == "revoked":
+                        self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+                    else:
+                        self.send_event("task-failed", exception=exc.exception, traceback="")
                 return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
             def on_accepted(self, pid: int, time_accepted: float) -> Any:

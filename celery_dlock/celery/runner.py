@@ -44,12 +44,13 @@ from celery import states
 from celery.exceptions import Ignore
 from celery.exceptions import Retry as CeleryRetry
 from celery.signals import task_postrun
+from celery.utils.saferepr import saferepr as safe_repr
 from redis.exceptions import RedisError
 
 from celery_dlock.celery import dedup
 from celery_dlock.celery.coalesce import RunNote, call_identity, name_digest, requested_at
 from celery_dlock.celery.config import redis_client_for_app
-from celery_dlock.celery.errors import TaskSkipped
+from celery_dlock.celery.errors import RunSkipped, TaskSkipped
 from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
@@ -340,14 +341,21 @@ class Acquisition:
         if self.in_process:
             raise exc from cause
         self._drop_marker()
-        # Store the outcome ourselves and end with Ignore: the result is a FAILURE
-        # carrying TaskSkipped (so get() raises it at once), but the worker does not
-        # log it as an error nor call errbacks for a duplicate that was meant to go.
+        # Store the outcome ourselves and end with Ignore (RunSkipped), so the worker does
+        # not log a duplicate that was meant to go as an error; the worker's main process
+        # then sends the one terminal event that matches what is stored.
         store = not _ignores_result(self.task, self.request) or bool(self.task.store_errors_even_if_ignored)
-        self.task.backend.mark_as_failure(
-            self.task_id, exc, request=self.request, store_result=store, call_errbacks=False
-        )
-        raise Ignore(message)
+        if self.config.skip_state == "revoked":
+            # REVOKED: get() raises TaskRevokedError; like a revoke, no errbacks.
+            self.task.backend.mark_as_revoked(
+                self.task_id, message, request=self.request, store_result=store, state=states.REVOKED
+            )
+        else:
+            # FAILURE holding TaskSkipped (get() raises it at once); link_error runs.
+            self.task.backend.mark_as_failure(
+                self.task_id, exc, request=self.request, store_result=store, call_errbacks=True
+            )
+        raise RunSkipped(message, self.config.skip_state, safe_repr(exc))
 
     def _fail(
         self, holder: Owner | None, cause: LockError | None = None, retries: int | None = None

@@ -20,6 +20,9 @@ from celery_dlock.celery.policies import Policy, PolicyDefaults, parse_fallback,
 from celery_dlock.options import check_bool, check_count, check_seconds
 
 REDIS_ERROR_CHOICES = ("contention", "run")
+#: How a skipped run ends: FAILURE holding TaskSkipped (task-failed event, errbacks run),
+#: or REVOKED (task-revoked event; get() raises TaskRevokedError).
+SKIP_STATE_CHOICES = ("failure", "revoked")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dedup_on_publish", "dlock_dedup_on_publish", False),
     Option("dedup_timeout", "dlock_dedup_timeout", 3600.0),
     Option("lock_skip_covered", "dlock_skip_covered", True),
+    Option("lock_skip_state", "dlock_skip_state", "failure"),
 )
 OPTION_NAMES = tuple(option.attribute for option in OPTIONS)
 
@@ -60,6 +64,8 @@ class TaskLockConfig:
     prefix: str
     #: With the skip policy: also skip a call requested while the identical call was queued or running.
     skip_covered: bool = True
+    #: How a skipped run ends in a worker: "failure" or "revoked" (SKIP_STATE_CHOICES).
+    skip_state: str = "failure"
 
 
 def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[Any, str]]:
@@ -118,16 +124,10 @@ def build_config(
             wait_fallback=fallback,
         )
         policy = resolve_policy(values["on_contention"][0], defaults, named("on_contention"))
-        on_redis_error = values["lock_on_redis_error"][0]
-        if not isinstance(on_redis_error, str):
-            raise TypeError(
-                f"{named('lock_on_redis_error')} must be 'contention' or 'run', got "
-                f"{type(on_redis_error).__name__}: {on_redis_error!r}"
-            )
-        if on_redis_error not in REDIS_ERROR_CHOICES:
-            raise ValueError(
-                f"{named('lock_on_redis_error')} must be 'contention' or 'run', got {on_redis_error!r}"
-            )
+        on_redis_error = check_choice(
+            named("lock_on_redis_error"), values["lock_on_redis_error"][0], REDIS_ERROR_CHOICES
+        )
+        skip_state = check_choice(named("lock_skip_state"), values["lock_skip_state"][0], SKIP_STATE_CHOICES)
         dedup = check_bool(named("dedup_on_publish"), values["dedup_on_publish"][0])
         dedup_timeout = check_seconds(named("dedup_timeout"), values["dedup_timeout"][0])
         assert dedup_timeout is not None
@@ -149,7 +149,17 @@ def build_config(
         dedup_timeout=dedup_timeout,
         prefix=lock_prefix(conf),
         skip_covered=skip_covered,
+        skip_state=skip_state,
     )
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    allowed = " or ".join(repr(choice) for choice in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}: {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
 
 
 def run_signature(task_class: type, instance: Any = None) -> inspect.Signature:

@@ -63,6 +63,7 @@ class LockedTask(Task):  # type: ignore[misc]
     dedup_on_publish: Any = None
     dedup_timeout: Any = None
     lock_skip_covered: Any = None
+    lock_skip_state: Any = None
 
     _dlock_config: TaskLockConfig | None = None
 
