@@ -101,7 +101,9 @@ def main() -> None:
     client.delete(lock.keys.lock)  # someone deletes it behind our back
     print(f"   on_lost called within 2 s? {lost.wait(2)}; lock.lost = {lock.lost}")
 
-    leftovers = [k for k in client.scan_iter(f"{PREFIX}*") if not k.endswith(b":fence")]
+    # Fence counters stay (they must never go backwards); a release's receipt (":released",
+    # so a retried release answers True) expires after 60 s.
+    leftovers = [k for k in client.scan_iter(f"{PREFIX}*") if not k.endswith((b":fence", b":released"))]
     print(f"\nDone. Lock keys left behind: {leftovers or 'none'}")
     for key in client.scan_iter(f"{PREFIX}*"):
         client.delete(key)

@@ -5,7 +5,9 @@ hash tag, one atomic step): the run lock itself and a *queued marker*
 (``<lock key>:ext:queued``, value = the queued message's task id, with a lease of
 its own: ``dedup_timeout`` plus any countdown/ETA, capped by ``expires``).
 
-* lock held by a task run  -> return that run's ``AsyncResult``, publish nothing;
+* lock held by a task run  -> return that run's ``AsyncResult``, publish nothing - unless
+  the message is due later (countdown/ETA) or that run publishes it itself (a task that
+  re-publishes itself: its successor, not a duplicate);
 * marker held by another id -> return that message's ``AsyncResult``, publish nothing;
 * otherwise                -> claim the marker for our task id and publish.
 
@@ -45,7 +47,9 @@ logger = logging.getLogger("celery_dlock.celery")
 # group/chord/chain, so it must be published as is.
 CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 
-# KEYS[1] run lock, KEYS[2] queued marker; ARGV[1] task id, ARGV[2] marker lease ms.
+# KEYS[1] run lock, KEYS[2] queued marker; ARGV[1] task id, ARGV[2] marker lease ms,
+# ARGV[3] '1' when the message is not a duplicate of a running holder whatever it is
+# (it is due later, or the holder itself publishes it).
 # Returns {0, id} when the caller claimed the marker (publish), {1, id} when another
 # message is queued, {2, id} when a task run with another id holds the lock.
 CLAIM_QUEUED = Script(
@@ -55,7 +59,7 @@ local queued = redis.call('GET', KEYS[2])
 if queued and queued ~= ARGV[1] then
   return {1, queued}
 end
-local holder = redis.call('GET', KEYS[1])
+local holder = ARGV[3] ~= '1' and redis.call('GET', KEYS[1])
 if holder then
   local bar = string.find(holder, '|', 1, true)
   if bar then
@@ -144,6 +148,22 @@ def marker_lease(config: TaskLockConfig, options: Mapping[str, Any]) -> float:
     return max(lease, 0.001)
 
 
+def _due_later(options: Mapping[str, Any]) -> bool:
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)) and not isinstance(countdown, bool):
+        return countdown > 0
+    return options.get("eta") is not None and _seconds_until(options["eta"]) > 0
+
+
+def _published_by_the_holder(keys: LockKeys) -> bool:
+    """Whether the run publishing this message holds its lock (a task re-publishing itself:
+    the message is its successor, never a duplicate of it)."""
+    from celery_dlock.celery.runner import current_lock
+
+    running = current_lock()
+    return running is not None and running.keys.lock == keys.lock
+
+
 def should_deduplicate(config: TaskLockConfig, options: Mapping[str, Any], app: Any) -> bool:
     if not config.dedup_on_publish or _internal_publish.get():
         return False
@@ -170,8 +190,11 @@ def publish_once(
     keys = LockKeys.for_name(name, config.prefix)
     marker = marker_key(keys)
     lease_ms = to_millis(marker_lease(config, options))
+    after_the_run = b"1" if _due_later(options) or _published_by_the_holder(keys) else b"0"
     try:
-        status, existing = run_script(client, CLAIM_QUEUED, [keys.lock, marker], [task_id, lease_ms])
+        status, existing = run_script(
+            client, CLAIM_QUEUED, [keys.lock, marker], [task_id, lease_ms, after_the_run]
+        )
     except RedisError as exc:
         # Fail open: the run lock in the worker still guarantees one run at a time.
         logger.warning(

@@ -29,7 +29,7 @@ STORE = os.environ.get("DLOCK_TEST_STORE", "cluster")
 app = make_app(f"store-{STORE}", **_STORES[STORE])
 
 
-@app.task(base=LockedTask, bind=True, lock_key=["n"], name="otherstores.fenced")
+@app.task(base=LockedTask, bind=True, lock_key=["n"], name="otherstores.fenced", shared=False)
 def fenced(self: Any, n: int) -> dict[str, Any]:
     assert self.lock is not None and self.lock.is_locked_by_me()
     return {"fence": self.lock.fence, "key": self.lock.key, "pid": os.getpid()}
