@@ -4,11 +4,13 @@
 * :func:`install`: the same locking for tasks with another base class (signal mode).
 * Policies for ``on_contention``: :class:`Skip`, :class:`Retry`, :class:`Wait`, :class:`Fail`.
 * :func:`current_lock`: the lock of the running task body (``self.lock`` in LockedTask).
+* :func:`queued_markers`, :func:`clear_queued_marker`: see and clear ``dedup_on_publish`` markers.
 * Signals: :mod:`celery_dlock.celery.signals`.
 
 See docs/celery.md.
 """
 
+from celery_dlock.celery.dedup import QueuedMarker, clear_queued_marker, queued_markers
 from celery_dlock.celery.errors import LockStoreNotConfigured, TaskSkipped
 from celery_dlock.celery.install import install
 from celery_dlock.celery.policies import Fail, Retry, Skip, Wait
@@ -21,15 +23,18 @@ __all__ = [
     "Fail",
     "LockStoreNotConfigured",
     "LockedTask",
+    "QueuedMarker",
     "Retry",
     "Skip",
     "TaskLock",
     "TaskSkipped",
     "Wait",
+    "clear_queued_marker",
     "current_lock",
     "install",
     "lock_acquired",
     "lock_contended",
     "lock_lost",
     "lock_released",
+    "queued_markers",
 ]

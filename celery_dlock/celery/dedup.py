@@ -28,13 +28,14 @@ import contextvars
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from celery.signals import task_revoked
 from redis.exceptions import RedisError
 
-from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.config import lock_prefix, redis_client_for_app
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.keys import LockKeys
 from celery_dlock.lock import run_script
@@ -232,6 +233,56 @@ def remark_queued(client: Any, keys: LockKeys, task_id: str, seconds: float) -> 
         run_script(client, REMARK_QUEUED, [marker_key(keys)], [task_id, to_millis(seconds)])
     except RedisError as exc:
         logger.warning("could not mark %s as queued under %r: %r", task_id, keys.lock, exc)
+
+
+@dataclass(frozen=True)
+class QueuedMarker:
+    """A queued marker: the lock name of the call, the task id of its queued message, and
+    the seconds left of its lease (None: no expiry)."""
+
+    name: str
+    task_id: str
+    expires_in: float | None
+
+
+MARKER_SUFFIX = ":ext:queued"
+
+
+def queued_markers(app: Any, match: str = "*") -> list[QueuedMarker]:
+    """The queued markers of ``app`` whose lock name matches the glob ``match``.
+
+    A marker blocks new publishes of its call until its message runs, is revoked or
+    expires - or its lease (``dedup_timeout`` after the message is due) ends. A message
+    that vanished (a purged queue, lost broker data) leaves its marker until then:
+    list them here and remove one with :func:`clear_queued_marker`. Uses ``SCAN`` (never
+    ``KEYS``); a Redis Cluster client scans every primary.
+    """
+    client = redis_client_for_app(app)
+    prefix = lock_prefix(app.conf)
+    found: list[QueuedMarker] = []
+    for raw in client.scan_iter(match=f"{prefix}{{{match}}}{MARKER_SUFFIX}", count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        name = key[len(prefix) + 1 : -len(MARKER_SUFFIX) - 1]
+        value = client.get(key)
+        if value is None:
+            continue  # ended meanwhile
+        ttl_ms = client.pttl(key)
+        found.append(
+            QueuedMarker(
+                name=name,
+                task_id=value.decode() if isinstance(value, bytes) else str(value),
+                expires_in=ttl_ms / 1000 if ttl_ms >= 0 else None,
+            )
+        )
+    return sorted(found, key=lambda marker: marker.name)
+
+
+def clear_queued_marker(app: Any, name: str) -> bool:
+    """Remove the queued marker of the call whose lock name is ``name``; True if there was one.
+
+    The next publish of that call is then published (its run lock still protects it)."""
+    keys = LockKeys.for_name(name, lock_prefix(app.conf))
+    return bool(redis_client_for_app(app).delete(marker_key(keys)))
 
 
 def _drop_marker_of_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
