@@ -87,3 +87,32 @@ def test_a_skip_sends_one_terminal_event_agreeing_with_its_stored_state(
         assert log.terminal(skipped.id) == ["task-revoked"]
         with pytest.raises(TaskRevokedError):
             skipped.get(timeout=5)
+
+
+def test_what_a_skipped_member_does_to_a_chain_a_group_and_a_chord(skipevents: ModuleType, tag: str) -> None:
+    from celery import chain, chord, group
+    from celery.exceptions import ChordError
+
+    close_gate(tag)
+    holder = skipevents.as_failure.delay(tag)
+    wait_until(lambda: read_started(tag), 20, what="the holder started")
+    # A chain stops at the skipped link: what follows never runs.
+    stopped = chain(skipevents.as_failure.si(tag), skipevents.mark.si(tag, "after-skip")).apply_async()
+    wait_until(lambda: stopped.parent.ready(), 20, what="the skipped link")
+    assert stopped.parent.state == "FAILURE"
+    # A group holds the skip as a failed member beside the others.
+    members = group(skipevents.as_failure.si(tag), skipevents.mark.si(tag, "beside")).apply_async()
+    values = members.get(timeout=20, propagate=False)
+    assert isinstance(values[0], TaskSkipped) and values[1] == "beside"
+    # A chord counts it as a failed header task: the body does not run, the chord fails.
+    joined = chord([skipevents.as_failure.si(tag), skipevents.mark.si(tag, "header")])(
+        skipevents.gather.s(tag)
+    )
+    with pytest.raises((ChordError, TaskSkipped)):
+        joined.get(timeout=20)
+    open_gate(tag)
+    assert holder.get(timeout=20)
+    time.sleep(0.5)
+    ran = [x.decode() for x in records().lrange(f"ran:{tag}", 0, -1)]
+    assert "after-skip" not in ran and "chord-body" not in ran
+    assert sorted(ran) == ["beside", "header"]

@@ -24,3 +24,17 @@ def as_revoked(self: Any, tag: str) -> dict[str, Any]:
 def on_error(task_id: str, tag: str) -> None:
     """A link_error errback (the task id form): notes the task id it was called for."""
     records().rpush(f"errback:{tag}", task_id)
+
+
+@app.task
+def mark(tag: str, what: str) -> str:
+    """A plain task that notes it ran (canvas members after or beside a skip)."""
+    records().rpush(f"ran:{tag}", what)
+    return what
+
+
+@app.task
+def gather(results: list[Any], tag: str) -> list[Any]:
+    """A chord body."""
+    records().rpush(f"ran:{tag}", "chord-body")
+    return results
