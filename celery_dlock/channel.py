@@ -289,29 +289,16 @@ class ScriptChannel:
         """
         if deadline is None:
             return self._round_trip(packed, read, None)
-        if not self._would_connect():
-            try:
-                return self._round_trip(packed, read, deadline)
-            except _MustConnect:
-                pass
-            except _TryFailed as failed:
-                # The connection broke or timed out: try again as the client's retry
-                # policy says, on a new connection, if time is left.
-                if not failed.policy_retries or time.monotonic() >= deadline:
-                    raise failed.error from None
+        try:
+            return self._round_trip(packed, read, deadline)
+        except _MustConnect:
+            pass  # raised before anything was sent
+        except _TryFailed as failed:
+            # The connection broke or timed out: try again as the client's retry
+            # policy says, on a new connection, if time is left.
+            if not failed.policy_retries or time.monotonic() >= deadline:
+                raise failed.error from None
         return call_before(deadline, lambda: self._round_trip(packed, read, None), on_late)
-
-    def _would_connect(self) -> bool:
-        """Whether the next call's connection is not connected yet (so getting it connects)."""
-        client = self._single()
-        if client is not None:
-            conn = client.connection
-            if conn is not None:
-                return not _is_connected(conn)
-        dedicated_lock = self._dedicated_lock
-        if dedicated_lock is not None and not dedicated_lock.locked():
-            return self._dedicated is None or not _is_connected(self._dedicated)
-        return True  # a pool checkout may reconnect, under the client's own settings
 
     def _pack(self, command: tuple[Any, ...]) -> bytes:
         return pack_command(command, self._encoding, self._encoding_errors)

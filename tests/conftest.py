@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from celery_dlock.embedded import RedisServer, find_redis_server
+from tests.support.proxy import ChaosProxy
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,15 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server this test may kill, restart or reconfigure."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def proxy(own_redis: RedisServer) -> Iterator[ChaosProxy]:
+    """A TCP proxy in front of ``own_redis`` that can freeze (cut) the traffic."""
+    chaos = ChaosProxy(own_redis.port).start()
+    yield chaos
+    chaos.heal()
+    chaos.stop()
 
 
 @pytest.fixture

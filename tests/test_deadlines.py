@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,14 +20,6 @@ from tests.support.proxy import ChaosProxy
 pytestmark = pytest.mark.slow
 
 SLACK = 1.0  # "plus ~1 s"
-
-
-@pytest.fixture
-def proxy(own_redis: RedisServer) -> Iterator[ChaosProxy]:
-    chaos = ChaosProxy(own_redis.port).start()
-    yield chaos
-    chaos.heal()
-    chaos.stop()
 
 
 def ends_within(seconds: float, call: object) -> tuple[float, object]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -18,14 +17,6 @@ from celery_dlock.embedded import RedisServer
 from tests.support.proxy import ChaosProxy
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def proxy(own_redis: RedisServer) -> Iterator[ChaosProxy]:
-    chaos = ChaosProxy(own_redis.port).start()
-    yield chaos
-    chaos.heal()
-    chaos.stop()
 
 
 def test_the_watchdog_does_not_spin_while_a_batch_waits_on_a_frozen_connection(

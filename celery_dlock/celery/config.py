@@ -130,11 +130,6 @@ def lock_store(conf: Any) -> LockStore:
     )
 
 
-def lock_redis_url(conf: Any) -> str | None:
-    """The lock store's URL (None for ``dlock_redis_client``); raises when there is none."""
-    return lock_store(conf).url
-
-
 def _broker_url(conf: Any) -> str:
     # The property, not conf.get(): Celery's broker_url reads CELERY_BROKER_URL too.
     broker = getattr(conf, "broker_url", None) if hasattr(conf, "broker_url") else setting(conf, "broker_url")

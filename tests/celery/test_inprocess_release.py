@@ -54,8 +54,8 @@ def make(redis_url: str, mode: str) -> tuple[Celery, Any]:
 
 
 def lock_key(app: Celery, task: Any, n: int) -> str:
-    return LockKeys.for_name(task.lock_name_for(n) if hasattr(task, "lock_name_for") else
-                             task._dlock_config.key.name_for((n,), {}), app.conf.dlock_prefix).lock
+    """The lock of ``task(n)`` (install()ed tasks have no lock_name_for; both keep their config)."""
+    return LockKeys.for_name(task._dlock_config.key.name_for((n,), {}), app.conf.dlock_prefix).lock
 
 
 def assert_released(app: Celery, task: Any, client: redis.Redis) -> None:

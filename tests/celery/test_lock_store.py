@@ -62,7 +62,7 @@ def test_a_sentinel_url_reaches_the_master(own_redis: RedisServer, setting: str)
         assert redis.Redis(port=own_redis.port).exists(key)
 
 
-def test_a_sentinel_url_without_a_master_name_names_the_setting(own_redis: RedisServer) -> None:
+def test_a_sentinel_url_without_a_master_name_names_the_setting() -> None:
     app = Celery(f"sentinel-{uuid.uuid4().hex}", broker="sentinel://127.0.0.1:1")
     with pytest.raises(LockStoreNotConfigured, match="master_name.*broker_transport_options"):
         redis_client_for_app(app)
