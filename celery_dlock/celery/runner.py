@@ -15,12 +15,19 @@ Order of events for one run in a worker:
 
 Two special cases:
 
+* **A redelivered message** (the broker says so, or the message is one this
+  module re-queued for that reason) never runs a body that already ended: once
+  it holds the lock, it reads the task's stored state, and if the earlier
+  delivery ended (SUCCESS/FAILURE/REVOKED) it is dropped, whatever the policy.
 * **The holder has our own task id.** That is an earlier delivery of this very
   message (broker redelivery while it still runs, or a pool process that died
   and whose lease has not run out yet), or the earlier run of ``self.retry()``
   that has not released yet. Skipping or failing would overwrite the real run's
-  result, so the run waits for that holder whatever the policy, then runs only
-  if the earlier delivery did not finish (its state is not SUCCESS/FAILURE/REVOKED).
+  result, so whatever the policy the run waits for that holder, at most
+  ``lock_redelivery_wait`` seconds; if it still runs then, the message is
+  re-queued with a countdown (the lock retry schedule) and this delivery ends
+  without storing anything, so a long earlier run never parks a pool process
+  or holds up a warm shutdown.
 * **Called in-process** (``task(...)``, ``task.apply()``, ``task_always_eager``):
   there is no queue to re-publish to, so policies act in the caller: ``skip``
   raises :class:`TaskSkipped`, ``fail`` raises :class:`LockNotAcquired`,
@@ -72,8 +79,15 @@ _active_runs: dict[tuple[str, int], ActiveRun] = {}
 
 def _run_key(task_id: str | None) -> tuple[str, int] | None:
     return None if task_id is None else (task_id, threading.get_ident())
+
+
 #: Message header counting lock retries (separate from Celery's ``retries``).
 LOCK_RETRIES_HEADER = "dlock_lock_retries"
+#: Message header counting how often a redelivered message was re-queued because the
+#: earlier delivery of its task id still ran (also marks the copy as a redelivery).
+REDELIVERIES_HEADER = "dlock_redeliveries"
+#: Contention outcomes logged at INFO (the others, such as "fail", at WARNING).
+ROUTINE_ACTIONS = frozenset({"skip", "retry", "wait", "wait-own", "requeue-own"})
 #: Longest sleep between two attempts of a waiter that hears no release
 #: notification (a notification ends the sleep at once; an expiring holder is
 #: looked at again when its lease ends, whatever this says).
@@ -188,6 +202,7 @@ class Acquisition:
         elif self.notes:
             self.call = call_identity(task.name, args, kwargs)
         self.requested_at = requested_at(request) if self.call and not self.in_process else None
+        self.redelivered = not self.in_process and is_redelivery(request)
 
     @functools.cached_property
     def keys(self) -> LockKeys:
@@ -200,6 +215,8 @@ class Acquisition:
         try:
             lock = self._attempt(None)
             if lock is not None:
+                if self.redelivered:
+                    self._drop_if_ended(lock)
                 self._skip_if_covered(lock)
                 return self._acquired(lock)
             holder = self._holder()
@@ -254,29 +271,58 @@ class Acquisition:
         )
 
     def _wait_for_earlier_delivery(self) -> TaskLock:
+        wait = self.config.redelivery_wait
         self._announce(
             Owner(self.task_id, "", 0),
             "wait-own",
-            "an earlier delivery of this same task id holds the lock; waiting for it to end",
+            f"an earlier delivery of this same task id holds the lock; waiting up to {wait:g}s for it to end",
         )
-        while True:
-            lock = self._attempt(self.config.timeout)
-            if lock is not None:
-                break
+        lock = self._attempt(wait) if wait else None
+        if lock is None:
             holder = self._holder()
             if holder is None or holder.task_id != self.task_id:
                 return self._contended(self.config.policy, holder)
-        state = self._stored_state()
-        if state in states.READY_STATES:
-            logger.info(
-                "%s[%s]: the earlier delivery of this task id already ended with %s; not running it again",
-                self.task.name,
-                self.task_id,
-                state,
-            )
-            finish_run(ActiveRun(self.task, self.config, lock, self.client, time.monotonic()), "duplicate")
-            raise Ignore()
+            self._requeue_behind_earlier_delivery()
+        self._drop_if_ended(lock)
         return self._acquired(lock)
+
+    def _drop_if_ended(self, lock: TaskLock) -> None:
+        """Drop this delivery (releasing ``lock``) if an earlier delivery of its task id already ended."""
+        state = self._stored_state()
+        if state not in states.READY_STATES:
+            return
+        logger.info(
+            "%s[%s]: the earlier delivery of this task id already ended with %s; not running it again",
+            self.task.name,
+            self.task_id,
+            state,
+        )
+        finish_run(ActiveRun(self.task, self.config, lock, self.client, time.monotonic()), "duplicate")
+        raise Ignore()
+
+    def _requeue_behind_earlier_delivery(self) -> NoReturn:
+        """Publish this message again with a countdown and end this delivery, storing nothing.
+
+        Storing anything (RETRY, a skip) would overwrite the state of the earlier
+        delivery, which still runs; ``Ignore`` acknowledges this delivery.
+        """
+        requeues = _header_count(self.request, REDELIVERIES_HEADER)
+        countdown = self.config.redelivery_backoff.countdown_for(requeues)
+        headers = dict(self.request.headers or {})
+        headers[REDELIVERIES_HEADER] = requeues + 1
+        signature = self.task.signature_from_request(
+            self.request, countdown=countdown, retries=self.request.retries, headers=headers
+        )
+        with dedup.publishing_internally():
+            signature.apply_async()
+        self._announce(
+            Owner(self.task_id, "", 0),
+            "requeue-own",
+            f"the earlier delivery of this task id still holds lock {self.name!r} after "
+            f"{self.config.redelivery_wait:g}s; re-queued this delivery to run in {countdown:.2f}s "
+            "if that one has not ended by then",
+        )
+        raise Ignore()
 
     def _backend_down(self, error: LockError) -> TaskLock | None:
         if self.config.on_redis_error == "run":
@@ -310,9 +356,10 @@ class Acquisition:
     def _acquired(self, lock: TaskLock) -> TaskLock:
         # A run that got its lock starts a fresh count of lock retries, so a later
         # self.retry() message does not inherit this run's count.
-        self.request.__dict__.pop(LOCK_RETRIES_HEADER, None)
-        if isinstance(self.request.headers, dict):
-            self.request.headers.pop(LOCK_RETRIES_HEADER, None)
+        for header in (LOCK_RETRIES_HEADER, REDELIVERIES_HEADER):
+            self.request.__dict__.pop(header, None)
+            if isinstance(self.request.headers, dict):
+                self.request.headers.pop(header, None)
         waited = time.monotonic() - self.started
         if self.config.dedup_on_publish and not self.in_process:
             dedup.drop_queued(self.client, self.keys, self.task_id)  # hand the marker over to the run lock
@@ -444,7 +491,7 @@ class Acquisition:
             dedup.drop_queued(self.client, self.keys, self.task_id)
 
     def _announce(self, holder: Owner | None, action: str, reason: str) -> None:
-        level = logging.INFO if action in ("skip", "retry", "wait", "wait-own") else logging.WARNING
+        level = logging.INFO if action in ROUTINE_ACTIONS else logging.WARNING
         logger.log(level, "%s[%s]: %s -> %s", self.task.name, self.task_id, reason, action)
         lock_contended.send(
             sender=self.task,
@@ -458,11 +505,29 @@ class Acquisition:
 
 def lock_retries(request: Any) -> int:
     """How many times this message was already re-queued because its lock was held."""
-    value = request.__dict__.get(LOCK_RETRIES_HEADER)
+    return _header_count(request, LOCK_RETRIES_HEADER)
+
+
+def is_redelivery(request: Any) -> bool:
+    """Whether this message may have run before: the broker redelivered it, or we re-queued it as such."""
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    if delivery_info.get("redelivered"):
+        return True
+    return _header(request, REDELIVERIES_HEADER) is not None
+
+
+def _header(request: Any, name: str) -> Any:
+    # Custom headers are attributes of the request on some Celery versions and
+    # entries of request.headers on others.
+    value = request.__dict__.get(name)
     if value is None and isinstance(request.headers, dict):
-        value = request.headers.get(LOCK_RETRIES_HEADER)
+        value = request.headers.get(name)
+    return value
+
+
+def _header_count(request: Any, name: str) -> int:
     try:
-        return max(0, int(value or 0))
+        return max(0, int(_header(request, name) or 0))
     except (TypeError, ValueError):
         return 0
 

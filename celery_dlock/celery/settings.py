@@ -16,7 +16,7 @@ from typing import Any
 
 from celery_dlock.celery.config import lock_prefix, setting
 from celery_dlock.celery.keys import LockKey, build_lock_key
-from celery_dlock.celery.policies import Policy, PolicyDefaults, parse_fallback, resolve_policy
+from celery_dlock.celery.policies import Policy, PolicyDefaults, Retry, parse_fallback, resolve_policy
 from celery_dlock.options import check_bool, check_count, check_seconds
 
 REDIS_ERROR_CHOICES = ("contention", "run")
@@ -46,8 +46,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("dedup_timeout", "dlock_dedup_timeout", 3600.0),
     Option("lock_skip_covered", "dlock_skip_covered", True),
     Option("lock_skip_state", "dlock_skip_state", "failure"),
+    Option("lock_redelivery_wait", "dlock_redelivery_wait", 5.0),
 )
 OPTION_NAMES = tuple(option.attribute for option in OPTIONS)
+DEFAULT_REDELIVERY_BACKOFF = Retry(countdown=1.0, backoff_max=60.0, max_retries=0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class TaskLockConfig:
     skip_covered: bool = True
     #: How a skipped run ends in a worker: "failure" or "revoked" (SKIP_STATE_CHOICES).
     skip_state: str = "failure"
+    #: Longest time a redelivered message waits in a pool process for the earlier
+    #: delivery of its own task id; then it re-queues itself (see runner.py).
+    redelivery_wait: float = 5.0
+    #: The countdowns of those re-queues (the lock retry schedule, never running out).
+    redelivery_backoff: Retry = DEFAULT_REDELIVERY_BACKOFF
 
 
 def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[Any, str]]:
@@ -132,6 +139,10 @@ def build_config(
         dedup_timeout = check_seconds(named("dedup_timeout"), values["dedup_timeout"][0])
         assert dedup_timeout is not None
         skip_covered = check_bool(named("lock_skip_covered"), values["lock_skip_covered"][0])
+        redelivery_wait = check_seconds(
+            named("lock_redelivery_wait"), values["lock_redelivery_wait"][0], allow_zero=True
+        )
+        assert redelivery_wait is not None
         key = build_lock_key(values["lock_key"][0], task_name, signature)
     except (TypeError, ValueError) as exc:
         # Name the task even when the message came from a shared checker.
@@ -150,6 +161,8 @@ def build_config(
         prefix=lock_prefix(conf),
         skip_covered=skip_covered,
         skip_state=skip_state,
+        redelivery_wait=redelivery_wait,
+        redelivery_backoff=Retry(countdown=countdown, backoff_max=backoff_max, max_retries=0),
     )
 
 

@@ -24,8 +24,9 @@ lock_acquired = Signal(name="lock_acquired")
 
 #: The run found its lock held. Arguments: ``task_id``, ``key``, ``holder``
 #: (task id of the holder, or None), ``action`` (what happens now: ``"skip"``,
-#: ``"retry"``, ``"wait"``, ``"fail"``, or ``"wait-own"`` when the holder is an
-#: earlier delivery of this same task id), ``reason`` (text).
+#: ``"retry"``, ``"wait"``, ``"fail"``; ``"wait-own"`` when the holder is an
+#: earlier delivery of this same task id, and ``"requeue-own"`` when that one
+#: still runs after ``lock_redelivery_wait``), ``reason`` (text).
 lock_contended = Signal(name="lock_contended")
 
 #: The lock was found lost while the task ran (renewal failed, or the lease ran

@@ -64,6 +64,7 @@ class LockedTask(Task):  # type: ignore[misc]
     dedup_timeout: Any = None
     lock_skip_covered: Any = None
     lock_skip_state: Any = None
+    lock_redelivery_wait: Any = None
 
     _dlock_config: TaskLockConfig | None = None
 

@@ -21,3 +21,32 @@ app = make_app(
 @app.task(base=LockedTask, bind=True, acks_late=True, lock_timeout=2, on_contention="skip")
 def acked_late(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)
+
+
+# One task per contention policy, each waiting at most 1 s for an earlier delivery of
+# its own task id before re-queueing itself 1 s later.
+def _policy_task(policy: str) -> Any:
+    @app.task(
+        base=LockedTask,
+        bind=True,
+        acks_late=True,
+        name=f"redelivery.late_{policy}",
+        lock_timeout=2,
+        on_contention=policy,
+        lock_redelivery_wait=1.0,
+        lock_retry_countdown=1.0,
+        lock_retry_backoff_max=1.0,
+    )
+    def late(self: Any, tag: str, seconds: float) -> dict[str, Any]:
+        return run_recorded(self, tag, seconds)
+
+    return late
+
+
+late_by_policy = {policy: _policy_task(policy) for policy in ("skip", "retry", "wait", "fail")}
+
+
+@app.task(bind=True)
+def probe(self: Any, tag: str) -> dict[str, Any]:
+    """An unlocked task: it starts only when a pool process is free."""
+    return run_recorded(self, tag, 0)
