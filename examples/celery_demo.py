@@ -126,7 +126,7 @@ def main() -> int:
         expect(fences == sorted(fences), f"their fencing tokens increase: {fences}")
         expect(len(order_7) == 2, "order 7 was charged twice too (its own lock)")
 
-        print("\n== 3. 3 inventory syncs at once (lock_key='task', Retry(countdown=0.5))")
+        print("\n== 3. 3 inventory syncs at once (lock_key='task', Retry(backoff=0.5))")
         syncs = [sync_inventory.delay(w) for w in ("north", "south", "east")]
         print(f"   outcomes: {[outcome(r) for r in syncs]}")
         sync_runs = runs(client, env["DEMO_RUNS_KEY"], "sync_inventory")

@@ -50,7 +50,13 @@ from celery_dlock.celery import dedup
 from celery_dlock.celery.config import check_lock_store_at_start, redis_client_for_app
 from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import run_locked
-from celery_dlock.celery.settings import OPTION_NAMES, TaskLockConfig, build_config, run_signature
+from celery_dlock.celery.settings import (
+    OPTION_NAMES,
+    TaskLockConfig,
+    build_config,
+    check_not_renamed,
+    run_signature,
+)
 
 logger = logging.getLogger("celery_dlock.celery")
 
@@ -175,6 +181,7 @@ def check_task_options(tasks: object, where: str) -> dict[str, dict[str, Any]]:
             raise TypeError(
                 f"{where}[{name!r}] must be a dict of lock options, got {type(options).__name__}: {options!r}"
             )
+        check_not_renamed(options.__contains__, f"in {where}[{name!r}]")
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise TypeError(
@@ -195,7 +202,9 @@ def locked_attributes(task_class: Any, app: Any, options: Mapping[str, Any]) -> 
             "options instead of listing it in install()/dlock_tasks"
         )
     signature = run_signature(task_class)
-    config = build_config(options, app.conf, task_class.name, signature)
+    config = build_config(
+        options, app.conf, task_class.name, signature, default_retry_delay=task_class.default_retry_delay
+    )
     attributes: dict[str, Any] = {
         "run": _locked_run(task_class, config, signature),
         "Request": locked_request_class(symbol_by_name(task_class.Request)),

@@ -2,7 +2,7 @@
 
 ``on_contention`` takes a name (``"skip"``, ``"retry"``, ``"wait"``, ``"fail"``)
 or one of the objects below. A parameter left as ``None`` in an object comes
-from the task's options (``lock_retry_countdown``, ``lock_wait``, ...), which in
+from the task's options (``lock_retry_backoff``, ``lock_wait``, ...), which in
 turn default to the app's ``dlock_*`` settings. :func:`resolve_policy` fills
 them in once, when the task is bound, so a running task only reads plain values.
 """
@@ -32,41 +32,69 @@ class Fail:
 
 @dataclass(frozen=True)
 class Retry:
-    """Re-queue the message with exponential backoff and jitter; fail when the lock retries run out.
+    """Re-queue the message on Celery's autoretry schedule; fail when the lock retries run out.
 
-    The n-th lock retry (n = 0, 1, ...) waits ``min(backoff_max, countdown * 2**n)``
-    seconds, of which a random half is dropped when ``jitter`` is on (so
-    duplicates spread out instead of retrying in lockstep). Lock retries are
-    counted in a message header of their own: they never consume the task's
-    ``max_retries``.
+    The parameters mean what Celery's ``retry_backoff``, ``retry_backoff_max`` and
+    ``retry_jitter`` mean for ``autoretry_for``:
+
+    * ``backoff``: ``True`` (a 1 s factor), a number of seconds (the factor; unlike
+      Celery, fractions are allowed), or ``False`` (no backoff: every lock retry
+      waits the task's ``default_retry_delay``). The n-th lock retry (n = 0, 1, ...)
+      waits ``min(backoff_max, backoff * 2**n)`` seconds...
+    * ``jitter``: ...or, when on, a random time between 0 and that ("full jitter"),
+      so duplicates spread out instead of retrying in lockstep.
+
+    Lock retries are counted in a message header of their own: they never consume the
+    task's ``max_retries``.
     """
 
-    countdown: float | None = None
+    backoff: float | bool | None = None
     backoff_max: float | None = None
     max_retries: int | None = None
-    jitter: bool = True
+    jitter: bool | None = None
+    #: Every lock retry's delay when ``backoff`` is False: the task's ``default_retry_delay``.
+    delay: float | None = None
 
     name = "retry"
 
     def __post_init__(self) -> None:
-        check_seconds("Retry(countdown=...)", self.countdown, allow_none=True)
+        if self.backoff is not None:
+            check_backoff("Retry(backoff=...)", self.backoff)
         check_seconds("Retry(backoff_max=...)", self.backoff_max, allow_none=True)
+        check_seconds("Retry(delay=...)", self.delay, allow_zero=True, allow_none=True)
         if self.max_retries is not None:
             check_count("Retry(max_retries=...)", self.max_retries)
-        if not isinstance(self.jitter, bool):
+        if self.jitter is not None and not isinstance(self.jitter, bool):
             raise TypeError(f"Retry(jitter=...) must be True or False, got {self.jitter!r}")
-        if self.countdown is not None and self.backoff_max is not None and self.backoff_max < self.countdown:
-            raise ValueError(
-                f"Retry(backoff_max=...) must be >= countdown ({self.countdown!r}), got {self.backoff_max!r}"
-            )
+
+    @property
+    def factor(self) -> float:
+        """Seconds before the first lock retry, before jitter (when ``backoff`` is not False)."""
+        return 1.0 if self.backoff is True or self.backoff is None else float(self.backoff)
 
     def countdown_for(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds before lock retry number ``attempt`` (0-based)."""
-        assert self.countdown is not None and self.backoff_max is not None
-        delay = float(min(self.backoff_max, self.countdown * (2 ** min(attempt, 60))))
+        if self.backoff is False:
+            assert self.delay is not None
+            return self.delay
+        assert self.backoff_max is not None
+        delay = float(min(self.backoff_max, self.factor * (2 ** min(attempt, 60))))
         if self.jitter:
-            delay = delay / 2 + (rng or random).uniform(0, delay / 2)
+            delay = (rng or random).uniform(0, delay)
         return delay
+
+
+def check_backoff(parameter: str, value: object) -> float | bool:
+    """``value`` as a backoff (True, False or a factor in seconds), or raise naming ``parameter``."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{parameter} must be True, False or a number of seconds, got {type(value).__name__}: {value!r}"
+        )
+    seconds = check_seconds(parameter, value)
+    assert seconds is not None
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -126,21 +154,23 @@ def parse_policy(value: object, option: str = "on_contention") -> Policy:
 class PolicyDefaults:
     """The task options a policy object inherits when it leaves a parameter as None."""
 
-    retry_countdown: float
+    retry_backoff: float | bool
     retry_backoff_max: float
+    retry_jitter: bool
     max_retries: int
     wait: float
     wait_fallback: Skip | Fail | Retry
+    #: The task's ``default_retry_delay``: every lock retry's delay when backoff is off.
+    retry_delay: float = 180.0
 
 
 def _complete_retry(policy: Retry, defaults: PolicyDefaults) -> Retry:
-    countdown = policy.countdown if policy.countdown is not None else defaults.retry_countdown
-    backoff_max = policy.backoff_max if policy.backoff_max is not None else defaults.retry_backoff_max
     return Retry(
-        countdown=countdown,
-        backoff_max=max(backoff_max, countdown),
+        backoff=policy.backoff if policy.backoff is not None else defaults.retry_backoff,
+        backoff_max=policy.backoff_max if policy.backoff_max is not None else defaults.retry_backoff_max,
         max_retries=policy.max_retries if policy.max_retries is not None else defaults.max_retries,
-        jitter=policy.jitter,
+        jitter=policy.jitter if policy.jitter is not None else defaults.retry_jitter,
+        delay=policy.delay if policy.delay is not None else defaults.retry_delay,
     )
 
 

@@ -10,13 +10,20 @@ settings are read once per task class, when Celery binds it to the app.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from celery_dlock.celery.config import lock_prefix, setting
 from celery_dlock.celery.keys import LockKey, build_lock_key
-from celery_dlock.celery.policies import Policy, PolicyDefaults, Retry, parse_fallback, resolve_policy
+from celery_dlock.celery.policies import (
+    Policy,
+    PolicyDefaults,
+    Retry,
+    check_backoff,
+    parse_fallback,
+    resolve_policy,
+)
 from celery_dlock.options import check_bool, check_count, check_seconds
 
 REDIS_ERROR_CHOICES = ("contention", "run")
@@ -36,8 +43,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("lock_key", None, None),
     Option("lock_timeout", "dlock_timeout", 30.0),
     Option("on_contention", "dlock_on_contention", "skip"),
-    Option("lock_retry_countdown", "dlock_retry_countdown", 1.0),
+    Option("lock_retry_backoff", "dlock_retry_backoff", True),
     Option("lock_retry_backoff_max", "dlock_retry_backoff_max", 60.0),
+    Option("lock_retry_jitter", "dlock_retry_jitter", True),
     Option("lock_max_retries", "dlock_max_retries", 20),
     Option("lock_wait", "dlock_wait", 10.0),
     Option("lock_wait_fallback", "dlock_wait_fallback", "retry"),
@@ -49,7 +57,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("lock_redelivery_wait", "dlock_redelivery_wait", 5.0),
 )
 OPTION_NAMES = tuple(option.attribute for option in OPTIONS)
-DEFAULT_REDELIVERY_BACKOFF = Retry(countdown=1.0, backoff_max=60.0, max_retries=0)
+#: Options and settings that were renamed to Celery's own names: using the old name is
+#: an error that says the new one (never silently ignored).
+RENAMED = {
+    "lock_retry_countdown": "lock_retry_backoff",
+    "dlock_retry_countdown": "dlock_retry_backoff",
+}
+DEFAULT_REDELIVERY_BACKOFF = Retry(backoff=1.0, backoff_max=60.0, max_retries=0, jitter=True)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,8 @@ class TaskLockConfig:
 
 def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[Any, str]]:
     """Each option's value and where it came from (the option name, or the setting that filled it)."""
+    check_not_renamed(lambda name: given.get(name) is not None, "a lock option")
+    check_not_renamed(lambda name: setting(conf, name) is not None, "an app setting")
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"unknown lock option {unknown[0]!r}; the options are: {', '.join(OPTION_NAMES)}")
@@ -93,8 +109,19 @@ def effective_options(given: Mapping[str, Any], conf: Any) -> dict[str, tuple[An
     return values
 
 
+def check_not_renamed(present: Callable[[str], bool], where: str) -> None:
+    """Raise naming the new name if an old, renamed option or setting is given."""
+    for old, new in RENAMED.items():
+        if present(old):
+            raise TypeError(f"{old!r} ({where}) is now called {new!r}, with Celery's meaning; rename it")
+
+
 def build_config(
-    given: Mapping[str, Any], conf: Any, task_name: str, signature: inspect.Signature
+    given: Mapping[str, Any],
+    conf: Any,
+    task_name: str,
+    signature: inspect.Signature,
+    default_retry_delay: float = 180.0,
 ) -> TaskLockConfig:
     """Validate ``given`` options (missing ones from ``conf``) into a :class:`TaskLockConfig`.
 
@@ -111,21 +138,23 @@ def build_config(
         assert timeout is not None
         if timeout < 0.01:
             raise ValueError(f"{named('lock_timeout')} must be at least 0.01 seconds, got {timeout!r}")
-        countdown = check_seconds(named("lock_retry_countdown"), values["lock_retry_countdown"][0])
+        backoff = check_backoff(named("lock_retry_backoff"), values["lock_retry_backoff"][0])
         backoff_max = check_seconds(named("lock_retry_backoff_max"), values["lock_retry_backoff_max"][0])
-        assert countdown is not None and backoff_max is not None
-        if backoff_max < countdown:
-            raise ValueError(
-                f"{named('lock_retry_backoff_max')} must be >= lock_retry_countdown ({countdown!r}), "
-                f"got {backoff_max!r}"
-            )
+        assert backoff_max is not None
+        jitter = check_bool(named("lock_retry_jitter"), values["lock_retry_jitter"][0])
+        retry_delay = check_seconds(
+            f"default_retry_delay of task {task_name!r}", default_retry_delay, allow_zero=True
+        )
+        assert retry_delay is not None
         max_retries = check_count(named("lock_max_retries"), values["lock_max_retries"][0])
         wait = check_seconds(named("lock_wait"), values["lock_wait"][0], allow_zero=True)
         assert wait is not None
         fallback = parse_fallback(values["lock_wait_fallback"][0], named("lock_wait_fallback"))
         defaults = PolicyDefaults(
-            retry_countdown=countdown,
+            retry_backoff=backoff,
             retry_backoff_max=backoff_max,
+            retry_jitter=jitter,
+            retry_delay=retry_delay,
             max_retries=max_retries,
             wait=wait,
             wait_fallback=fallback,
@@ -162,7 +191,9 @@ def build_config(
         skip_covered=skip_covered,
         skip_state=skip_state,
         redelivery_wait=redelivery_wait,
-        redelivery_backoff=Retry(countdown=countdown, backoff_max=backoff_max, max_retries=0),
+        redelivery_backoff=Retry(
+            backoff=backoff, backoff_max=backoff_max, max_retries=0, jitter=jitter, delay=retry_delay
+        ),
     )
 
 

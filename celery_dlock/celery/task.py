@@ -29,6 +29,7 @@ from celery_dlock.celery.settings import (
     OPTION_NAMES,
     TaskLockConfig,
     build_config,
+    check_not_renamed,
     effective_options,
     run_signature,
 )
@@ -54,8 +55,9 @@ class LockedTask(Task):  # type: ignore[misc]
     lock_key: Any = None
     lock_timeout: Any = None
     on_contention: Any = None
-    lock_retry_countdown: Any = None
+    lock_retry_backoff: Any = None
     lock_retry_backoff_max: Any = None
+    lock_retry_jitter: Any = None
     lock_max_retries: Any = None
     lock_wait: Any = None
     lock_wait_fallback: Any = None
@@ -73,7 +75,11 @@ class LockedTask(Task):  # type: ignore[misc]
         bound = super().bind(app)
         if _is_concrete(cls):
             given = {name: getattr(cls, name) for name in OPTION_NAMES}
-            cls._dlock_config = build_config(given, app.conf, cls.name, run_signature(cls))
+            given_on_class = lambda name: getattr(cls, name, None) is not None  # noqa: E731
+            check_not_renamed(given_on_class, f"an option of task {cls.name!r}")
+            cls._dlock_config = build_config(
+                given, app.conf, cls.name, run_signature(cls), default_retry_delay=cls.default_retry_delay
+            )
             # A subclass may bring its own Request class: keep it, with our release added.
             request_class = symbol_by_name(cls.Request)
             if not getattr(request_class, "releases_abandoned_locks", False):

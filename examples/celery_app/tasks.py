@@ -42,7 +42,7 @@ def charge_order(self: Any, order_id: int, amount_cents: int) -> str:
     return f"charged {amount_cents} to order {order_id}"
 
 
-@app.task(bind=True, base=LockedTask, lock_key="task", on_contention=Retry(countdown=0.5, max_retries=30))
+@app.task(bind=True, base=LockedTask, lock_key="task", on_contention=Retry(backoff=0.5, max_retries=30))
 def sync_inventory(self: Any, warehouse: str) -> str:
     """Task-wide key: one inventory sync at a time; the others re-queue with backoff."""
     start = time.time()

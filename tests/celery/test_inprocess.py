@@ -97,7 +97,7 @@ def test_direct_call_policies_act_in_the_caller(app: Celery) -> None:
 
 def test_wait_and_retry_in_the_caller_get_the_lock_once_it_is_released(app: Celery) -> None:
     waiting = locked(app, on_contention=Wait(timeout=10, then="fail"))
-    retrying = locked(app, on_contention=Retry(countdown=0.1, backoff_max=0.5, max_retries=50))
+    retrying = locked(app, on_contention=Retry(backoff=0.1, backoff_max=0.5, max_retries=50))
     for task in (waiting, retrying):
         holder = hold(app, task, 2)
         thread = release_later(holder, 0.4)

@@ -41,8 +41,11 @@ BAD_OPTIONS = [
     ({"on_contention": "sometimes"}, ValueError, "on_contention of task .* one of 'skip', 'retry', 'wait'"),
     ({"on_contention": 3}, TypeError, "on_contention .* got int: 3"),
     ({"on_contention": Wait}, TypeError, "on_contention .* got type"),
-    ({"lock_retry_countdown": 0}, ValueError, "lock_retry_countdown .* > 0 seconds, got 0"),
-    ({"lock_retry_countdown": 5, "lock_retry_backoff_max": 1}, ValueError, "lock_retry_backoff_max .* >= "),
+    ({"lock_retry_backoff": 0}, ValueError, "lock_retry_backoff .* > 0 seconds, got 0"),
+    ({"lock_retry_backoff": "fast"}, TypeError, "lock_retry_backoff .* True, False or .* str: 'fast'"),
+    ({"lock_retry_backoff_max": -1}, ValueError, "lock_retry_backoff_max .* > 0 seconds, got -1"),
+    ({"lock_retry_jitter": "full"}, TypeError, "lock_retry_jitter .* True or False, got str: 'full'"),
+    ({"lock_redelivery_wait": -1}, ValueError, "lock_redelivery_wait .* >= 0 seconds, got -1"),
     ({"lock_max_retries": -1}, ValueError, "lock_max_retries .* >= 0, got -1"),
     ({"lock_max_retries": 2.5}, TypeError, "lock_max_retries .* int, got float: 2.5"),
     ({"lock_wait": -2}, ValueError, "lock_wait .* >= 0 seconds, got -2"),
@@ -93,45 +96,77 @@ def test_bad_app_setting_is_rejected_naming_the_setting(setting: str, value: Any
 
 
 def test_app_settings_fill_options_once_per_task_class() -> None:
-    app = finalized_app(dlock_timeout=7, dlock_on_contention="retry", dlock_retry_countdown=0.5,
+    app = finalized_app(dlock_timeout=7, dlock_on_contention="retry", dlock_retry_backoff=0.5,
                         dlock_max_retries=3, dlock_prefix="myapp:")
     job = register(app, lock_retry_backoff_max=2)
     config = job._dlock_config
     assert config.timeout == 7 and config.prefix == "myapp:"
-    assert config.policy == Retry(countdown=0.5, backoff_max=2, max_retries=3, jitter=True)
+    assert config.policy == Retry(backoff=0.5, backoff_max=2, max_retries=3, jitter=True, delay=180)
     assert job.lock_timeout == 7  # the from_config convention: the class attribute now holds the value
     own = register(app, lock_timeout=3, on_contention="fail")
     assert own._dlock_config.timeout == 3 and own._dlock_config.policy == Fail()
 
 
 def test_policy_objects_validate_and_inherit_task_options() -> None:
-    with pytest.raises(ValueError, match=r"Retry\(countdown=...\) must be > 0 seconds, got -1"):
-        Retry(countdown=-1)
+    with pytest.raises(ValueError, match=r"Retry\(backoff=...\) must be > 0 seconds, got -1"):
+        Retry(backoff=-1)
     with pytest.raises(TypeError, match=r"Retry\(max_retries=...\) must be an int"):
         Retry(max_retries="3")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"backoff_max=...\) must be >= countdown"):
-        Retry(countdown=5, backoff_max=1)
+    with pytest.raises(TypeError, match=r"Retry\(jitter=...\) must be True or False"):
+        Retry(jitter="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Wait\(then=...\) must be one of"):
         Wait(then="later")
-    app = finalized_app(dlock_wait=4, dlock_retry_countdown=2)
-    job = register(app, on_contention=Wait(then=Retry(max_retries=9)))
+    app = finalized_app(dlock_wait=4, dlock_retry_backoff=2, dlock_retry_jitter=False)
+    job = register(app, on_contention=Wait(then=Retry(max_retries=9)), default_retry_delay=30)
     assert job._dlock_config.policy == Wait(
-        timeout=4, then=Retry(countdown=2, backoff_max=60, max_retries=9, jitter=True)
+        timeout=4, then=Retry(backoff=2, backoff_max=60, max_retries=9, jitter=False, delay=30)
     )
     assert register(app, on_contention=Skip())._dlock_config.policy == Skip()
 
 
-def test_retry_backoff_is_exponential_capped_and_jittered() -> None:
+def test_retry_backoff_follows_celerys_autoretry_schedule_with_full_jitter() -> None:
     from celery_dlock.celery.policies import PolicyDefaults
 
-    defaults = PolicyDefaults(1.0, 8.0, 10, 1.0, Fail())
+    defaults = PolicyDefaults(True, 8.0, True, 10, 1.0, Fail(), retry_delay=30.0)
     policy = resolve_policy(Retry(jitter=False), defaults)
     assert isinstance(policy, Retry)
-    assert [policy.countdown_for(n) for n in range(6)] == [1, 2, 4, 8, 8, 8]
+    assert [policy.countdown_for(n) for n in range(6)] == [1, 2, 4, 8, 8, 8]  # backoff=True: factor 1 s
+    halves = resolve_policy(Retry(backoff=0.5, jitter=False), defaults)
+    assert isinstance(halves, Retry) and [halves.countdown_for(n) for n in range(3)] == [0.5, 1, 2]
     jittered = resolve_policy("retry", defaults)
     assert isinstance(jittered, Retry)
-    samples = [jittered.countdown_for(3) for _ in range(200)]
-    assert all(4 <= s <= 8 for s in samples) and len(set(samples)) > 1
+    samples = [jittered.countdown_for(3) for _ in range(400)]
+    # Celery's full jitter: anywhere between 0 and the backoff, not only its upper half.
+    assert all(0 <= s <= 8 for s in samples) and min(samples) < 2 and max(samples) > 6
+    constant = resolve_policy(Retry(backoff=False), defaults)
+    assert isinstance(constant, Retry)
+    assert {constant.countdown_for(n) for n in range(5)} == {30.0}  # the task's default_retry_delay
+
+
+@pytest.mark.parametrize(
+    "options, conf",
+    [({"lock_retry_countdown": 0.5}, {}), ({}, {"dlock_retry_countdown": 0.5})],
+    ids=["option", "setting"],
+)
+def test_the_old_retry_option_names_are_an_error_naming_the_new_ones(
+    options: dict[str, Any], conf: dict[str, Any]
+) -> None:
+    # (An app setting is read when the app binds its locked tasks: at finalize at the latest.)
+    with pytest.raises(TypeError, match="retry_countdown.* is now called '.*retry_backoff'"):
+        register(finalized_app(**conf), on_contention="retry", **options)
+
+    def install_on_fresh_app() -> None:
+        other = Celery("options-install", broker="memory://", backend="cache+memory://")
+        other.conf.update(conf)
+
+        @other.task(shared=False, name="tests.plain")
+        def plain(order_id: int) -> None: ...
+
+        other.finalize()
+        celery_dlock.install(other, tasks={"tests.plain": dict(options)})
+
+    with pytest.raises(TypeError, match="retry_countdown.* is now called '.*retry_backoff'"):
+        install_on_fresh_app()
 
 
 def test_install_rejects_unknown_options_and_locked_tasks() -> None:

@@ -29,7 +29,7 @@ def skip_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
 
 @app.task(
     base=LockedTask, bind=True, lock_timeout=2,
-    on_contention=Retry(countdown=0.05, backoff_max=0.4, max_retries=400),
+    on_contention=Retry(backoff=0.05, backoff_max=0.4, max_retries=400),
 )
 def retry_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)

@@ -20,7 +20,7 @@ def skip_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
 
 @app.task(
     base=LockedTask, bind=True, lock_timeout=2,
-    on_contention=Retry(countdown=0.05, backoff_max=0.4, max_retries=400),
+    on_contention=Retry(backoff=0.05, backoff_max=0.4, max_retries=400),
 )
 def retry_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)
@@ -33,7 +33,7 @@ def wait_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
 
 @app.task(
     base=LockedTask, bind=True, lock_timeout=2,
-    on_contention=Retry(countdown=0.05, backoff_max=0.1, max_retries=2, jitter=False),
+    on_contention=Retry(backoff=0.05, backoff_max=0.1, max_retries=2, jitter=False),
 )
 def retry_few(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)
@@ -41,7 +41,7 @@ def retry_few(self: Any, tag: str, seconds: float) -> dict[str, Any]:
 
 @app.task(
     base=LockedTask, bind=True, lock_timeout=2,
-    on_contention=Wait(timeout=0.2, then=Retry(countdown=0.1, backoff_max=0.3, max_retries=100)),
+    on_contention=Wait(timeout=0.2, then=Retry(backoff=0.1, backoff_max=0.3, max_retries=100)),
 )
 def wait_then_retry(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     return run_recorded(self, tag, seconds)
@@ -86,7 +86,7 @@ def long_task(self: Any, tag: str, seconds: float) -> dict[str, Any]:
 
 @app.task(
     base=LockedTask, bind=True, lock_timeout=2, max_retries=1, default_retry_delay=0,
-    on_contention=Retry(countdown=0.05, backoff_max=0.2, max_retries=100),
+    on_contention=Retry(backoff=0.05, backoff_max=0.2, max_retries=100),
 )
 def self_retrying(self: Any, tag: str, seconds: float) -> dict[str, Any]:
     """Calls self.retry() once; its max_retries=1 must survive any number of lock retries."""

@@ -32,7 +32,7 @@ celery_dlock.install(
     tasks={
         PREFIX + "f_skip": {"lock_timeout": 2, "on_contention": "skip"},
         PREFIX + "f_retry": {
-            "lock_timeout": 2, "on_contention": Retry(countdown=0.05, backoff_max=0.4, max_retries=400),
+            "lock_timeout": 2, "on_contention": Retry(backoff=0.05, backoff_max=0.4, max_retries=400),
         },
         PREFIX + "f_fail": {"lock_timeout": 2, "on_contention": "fail"},
         PREFIX + "f_order": {"lock_key": "order:{tag}:{order_id}", "on_contention": "skip"},

@@ -23,7 +23,7 @@ def down_fail(self: Any, tag: str) -> dict[str, Any]:
 
 @app.task(
     base=LockedTask, bind=True, lock_timeout=2,
-    on_contention=Retry(countdown=0.3, backoff_max=0.6, max_retries=60),
+    on_contention=Retry(backoff=0.3, backoff_max=0.6, max_retries=60),
 )
 def down_retry(self: Any, tag: str) -> dict[str, Any]:
     return run_recorded(self, tag, 0.0)

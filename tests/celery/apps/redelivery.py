@@ -34,7 +34,7 @@ def _policy_task(policy: str) -> Any:
         lock_timeout=2,
         on_contention=policy,
         lock_redelivery_wait=1.0,
-        lock_retry_countdown=1.0,
+        lock_retry_backoff=1.0,
         lock_retry_backoff_max=1.0,
     )
     def late(self: Any, tag: str, seconds: float) -> dict[str, Any]:

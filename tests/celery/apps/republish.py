@@ -12,7 +12,7 @@ app = make_app("republish")
 
 @app.task(
     base=LockedTask, bind=True, lock_key=["tag"], dedup_on_publish=True, lock_timeout=10,
-    on_contention=Retry(countdown=0.05, max_retries=100),
+    on_contention=Retry(backoff=0.05, max_retries=100),
 )
 def poll(self: Any, tag: str, remaining: int, countdown: float) -> str:
     records().rpush(record_list(tag), self.request.id)

@@ -13,7 +13,7 @@ app = make_app("retrykeeps")
 
 @app.task(
     base=LockedTask, bind=True, lock_key=["tag"], lock_timeout=10,
-    on_contention=Retry(countdown=0.1, backoff_max=0.2, max_retries=100), shared=False,
+    on_contention=Retry(backoff=0.1, backoff_max=0.2, max_retries=100), shared=False,
 )
 def keeps(self: Any, tag: str, role: str) -> str:
     request = self.request
