@@ -13,6 +13,7 @@ See docs/celery.md.
 from celery_dlock.celery.dedup import QueuedMarker, clear_queued_marker, queued_markers
 from celery_dlock.celery.errors import LockStoreNotConfigured, TaskSkipped
 from celery_dlock.celery.install import install
+from celery_dlock.celery.keyrequest import LockKeyRequest
 from celery_dlock.celery.policies import Fail, Retry, Skip, Wait
 from celery_dlock.celery.runner import current_lock
 from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
@@ -21,6 +22,7 @@ from celery_dlock.celery.tasklock import TaskLock
 
 __all__ = [
     "Fail",
+    "LockKeyRequest",
     "LockStoreNotConfigured",
     "LockedTask",
     "QueuedMarker",

@@ -36,6 +36,7 @@ from celery.signals import task_revoked
 from redis.exceptions import RedisError
 
 from celery_dlock.celery.config import lock_prefix, redis_client_for_app
+from celery_dlock.celery.keyrequest import name_for_publish, name_for_run, with_name_header
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.keys import LockKeys
 from celery_dlock.lock import run_script
@@ -173,21 +174,50 @@ def should_deduplicate(config: TaskLockConfig, options: Mapping[str, Any], app: 
     return not any(options.get(name) for name in CANVAS_OPTIONS)
 
 
-def publish_once(
+def publish(
     task: Any,
     config: TaskLockConfig,
-    client: Any,
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
     task_id: str | None,
     options: Mapping[str, Any],
-    publish: Callable[[str], Any],
+    send: Callable[[str | None, Mapping[str, Any]], Any],
+    canvas: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Publish through ``publish(task_id)`` unless the same call is queued or running."""
+    """Publish a locked task's message through ``send(task_id, options)``.
+
+    A key that depends on the message is decided here and sent along (keyrequest.py);
+    with ``dedup_on_publish`` nothing is sent while the same call is queued or running.
+    ``canvas``: the ``link``/``link_error`` options if the caller passes them apart.
+    """
     from celery.utils import uuid as new_task_id
 
+    name = None
+    if config.key.wants_request:
+        task_id = task_id or new_task_id()
+        name = name_for_publish(task, config, task_id, args or (), kwargs or {}, options)
+        options = with_name_header(options, name)
+    if not should_deduplicate(config, {**options, **(canvas or {})}, task.app):
+        return send(task_id, options)
     task_id = task_id or new_task_id()
-    name = config.key.name_for(args or (), kwargs or {})
+    if name is None:
+        name = config.key.name_for(args or (), kwargs or {})
+    chosen_id = task_id
+    return publish_once(
+        task, config, redis_client_for_app(task.app), name, task_id, options, lambda: send(chosen_id, options)
+    )
+
+
+def publish_once(
+    task: Any,
+    config: TaskLockConfig,
+    client: Any,
+    name: str,
+    task_id: str,
+    options: Mapping[str, Any],
+    publish: Callable[[], Any],
+) -> Any:
+    """Publish through ``publish()`` unless the call named ``name`` is queued or running."""
     keys = LockKeys.for_name(name, config.prefix)
     marker = marker_key(keys)
     lease_ms = to_millis(marker_lease(config, options))
@@ -201,7 +231,7 @@ def publish_once(
         logger.warning(
             "dedup_on_publish of %s skipped (Redis error: %r); publishing %s", task.name, exc, task_id
         )
-        return publish(task_id)
+        return publish()
     existing = existing.decode() if isinstance(existing, bytes) else str(existing)
     if int(status) != 0:
         state = "queued" if int(status) == 1 else "running"
@@ -214,7 +244,7 @@ def publish_once(
         )
         return task.AsyncResult(existing)
     try:
-        return publish(task_id)
+        return publish()
     except BaseException:
         drop_queued(client, keys, task_id)
         raise
@@ -291,7 +321,7 @@ def _drop_marker_of_revoked(sender: Any = None, request: Any = None, **_: Any) -
     if config is None or not config.dedup_on_publish or request is None:
         return
     try:
-        name = config.key.name_for(request.args or (), request.kwargs or {})
+        name = name_for_run(sender, config, request.args or (), request.kwargs or {}, request)
         client = redis_client_for_app(sender.app)
     except Exception as exc:
         logger.warning("cannot drop the queued marker of revoked %s[%s]: %r", sender.name, request.id, exc)

@@ -47,7 +47,7 @@ from celery.signals import worker_init
 from celery.utils.imports import symbol_by_name
 
 from celery_dlock.celery import dedup
-from celery_dlock.celery.config import check_lock_store_at_start, redis_client_for_app
+from celery_dlock.celery.config import check_lock_store_at_start
 from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import run_locked
 from celery_dlock.celery.settings import (
@@ -211,8 +211,8 @@ def locked_attributes(task_class: Any, app: Any, options: Mapping[str, Any]) -> 
         "_dlock_config": config,
         INSTALLED_ATTR: True,
     }
-    if config.dedup_on_publish:
-        attributes["apply_async"] = _deduplicating_apply_async(config, task_class.apply_async)
+    if config.dedup_on_publish or config.key.wants_request:
+        attributes["apply_async"] = _publishing_apply_async(config, task_class.apply_async)
     logger.debug("celery-dlock: %s runs under lock (%s)", task_class.name, config.key.describe())
     return attributes
 
@@ -239,23 +239,17 @@ def _locked_run(task_class: type, config: TaskLockConfig, signature: inspect.Sig
     return run
 
 
-def _deduplicating_apply_async(config: TaskLockConfig, original: Callable[..., Any]) -> Callable[..., Any]:
+def _publishing_apply_async(config: TaskLockConfig, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``apply_async`` that decides the lock name (keys that need the message) and deduplicates."""
+
     @functools.wraps(original)
     def apply_async(
         self: Any, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> Any:
-        if not dedup.should_deduplicate(config, options, self.app):
-            return original(self, args, kwargs, task_id=task_id, **options)
-        return dedup.publish_once(
-            self,
-            config,
-            redis_client_for_app(self.app),
-            args,
-            kwargs,
-            task_id,
-            options,
-            lambda chosen_id: original(self, args, kwargs, task_id=chosen_id, **options),
-        )
+        def send(chosen_id: str | None, chosen_options: Mapping[str, Any]) -> Any:
+            return original(self, args, kwargs, task_id=chosen_id, **chosen_options)
+
+        return dedup.publish(self, config, args, kwargs, task_id, options, send)
 
     return apply_async
 

@@ -213,8 +213,12 @@ class LockKey:
     #: Whether the lock name alone tells one call (task and all its arguments) from
     #: every other: then it also names the call for covered-call notes (coalesce.py).
     identifies_call = False
+    #: Whether the name also depends on the message (a callable taking ``request``):
+    #: then the publisher decides it and sends it along (keyrequest.py).
+    wants_request = False
 
-    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any], request: Any = None) -> str:
+        """The lock name of a call; ``request`` (a ``LockKeyRequest``) only where ``wants_request``."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -231,7 +235,7 @@ class ArgumentsKey(LockKey):
         self.names = names
         self.identifies_call = names is None  # task name + every argument, defaults applied
 
-    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any], request: Any = None) -> str:
         arguments = bind_call(self.signature, args, kwargs, self.task_name, self.plain)
         if self.names is None:
             chosen = arguments
@@ -264,7 +268,7 @@ class StaticKey(LockKey):
     def __init__(self, name: str) -> None:
         self.name = safe_name(name)
 
-    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any], request: Any = None) -> str:
         return self.name
 
     def describe(self) -> str:
@@ -281,7 +285,7 @@ class TemplateKey(LockKey):
         self.plain = plain_parameters(signature)
         self.fields = template_fields(template)
 
-    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any], request: Any = None) -> str:
         arguments = bind_call(self.signature, args, kwargs, self.task_name, self.plain)
         values = _flattened(self.signature, arguments)
         prepared: dict[str, Any] = {}
@@ -304,14 +308,26 @@ class TemplateKey(LockKey):
 
 
 class CallableKey(LockKey):
-    """A user function ``(args, kwargs) -> str``, called with the arguments as received."""
+    """A user function ``(args, kwargs) -> str``, or ``(args, kwargs, request) -> str``.
+
+    It is called with the arguments as received; the three-argument form (a third
+    positional parameter, or one named ``request``) also gets a ``LockKeyRequest``.
+    """
 
     def __init__(self, function: Callable[..., Any], task_name: str) -> None:
         self.function = function
         self.task_name = task_name
+        self.request_by_keyword, self.wants_request = _request_parameter(function)
 
-    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-        name = self.function(tuple(args), dict(kwargs))
+    def name_for(self, args: Sequence[Any], kwargs: Mapping[str, Any], request: Any = None) -> str:
+        if not self.wants_request:
+            name = self.function(tuple(args), dict(kwargs))
+        elif request is None:
+            raise TypeError(f"lock_key callable {self.function!r} of {self.task_name} needs the request")
+        elif self.request_by_keyword:
+            name = self.function(tuple(args), dict(kwargs), request=request)
+        else:
+            name = self.function(tuple(args), dict(kwargs), request)
         if not isinstance(name, str):
             raise TypeError(
                 f"lock_key callable {self.function!r} of {self.task_name} must return a str, "
@@ -321,6 +337,24 @@ class CallableKey(LockKey):
 
     def describe(self) -> str:
         return f"callable {getattr(self.function, '__qualname__', self.function)!r}"
+
+
+def _request_parameter(function: Callable[..., Any]) -> tuple[bool, bool]:
+    """(by keyword, wanted): whether ``function`` takes a request, and how to pass it."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): the two-argument form
+        return False, False
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) >= 3:
+        return False, True
+    if any(p.name == "request" and p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters):
+        return True, True
+    return False, False
 
 
 def build_lock_key(value: object, task_name: str, signature: inspect.Signature) -> LockKey:
@@ -367,6 +401,6 @@ def build_lock_key(value: object, task_name: str, signature: inspect.Signature) 
         return CallableKey(value, task_name)
     raise TypeError(
         f"lock_key of {task_name} must be None (all arguments), 'task', a list of argument "
-        f"names, a template like 'order:{{order_id}}' or a callable (args, kwargs) -> str; "
+        f"names, a template like 'order:{{order_id}}' or a callable (args, kwargs[, request]) -> str; "
         f"got {type(value).__name__}: {value!r}"
     )

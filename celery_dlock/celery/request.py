@@ -41,6 +41,7 @@ from celery.worker.request import Request
 
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.errors import RunSkipped
+from celery_dlock.celery.keyrequest import name_for_run
 from celery_dlock.celery.signals import lock_released
 from celery_dlock.celery.tasklock import Owner, release_owned_by
 from celery_dlock.keys import LockKeys
@@ -82,7 +83,7 @@ def release_abandoned(request: Any, exc: BaseException) -> None:
         return  # the watcher and Celery's failure handler may both report one death
     request._dlock_abandoned = True
     try:
-        name = config.key.name_for(request.args or (), request.kwargs or {})
+        name = name_for_run(task, config, request.args or (), request.kwargs or {}, request)
     except Exception as error:
         logger.warning("cannot compute the lock of %s[%s] to release it: %r", task.name, request.id, error)
         return

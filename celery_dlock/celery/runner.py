@@ -58,6 +58,7 @@ from celery_dlock.celery import dedup
 from celery_dlock.celery.coalesce import RunNote, call_identity, name_digest, requested_at
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.errors import RunSkipped, TaskSkipped
+from celery_dlock.celery.keyrequest import NAME_HEADER, name_for_run
 from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
@@ -190,7 +191,7 @@ class Acquisition:
         task_id = request.id if not request.called_directly else None
         self.task_id: str = task_id or f"direct-{uuid.uuid4().hex}"
         self.owner = Owner.current(self.task_id, request.hostname)
-        self.name = config.key.name_for(args, kwargs)
+        self.name = name_for_run(task, config, args, kwargs, request)
         self.started = time.monotonic()
         # Skip policy: a successful run leaves a note naming its call, and a call
         # requested while that identical call was queued or running is skipped
@@ -308,7 +309,7 @@ class Acquisition:
         """
         requeues = _header_count(self.request, REDELIVERIES_HEADER)
         countdown = self.config.redelivery_backoff.countdown_for(requeues)
-        headers = dict(self.request.headers or {})
+        headers = self._requeue_headers()
         headers[REDELIVERIES_HEADER] = requeues + 1
         signature = self.task.signature_from_request(
             self.request, countdown=countdown, retries=self.request.retries, headers=headers
@@ -425,7 +426,7 @@ class Acquisition:
         if attempt >= policy.max_retries:
             self._fail(holder, cause, retries=attempt)
         countdown = policy.countdown_for(attempt)
-        headers = dict(self.request.headers or {})
+        headers = self._requeue_headers()
         headers[LOCK_RETRIES_HEADER] = attempt + 1
         signature = self.task.signature_from_request(
             self.request, countdown=countdown, retries=self.request.retries, headers=headers
@@ -485,6 +486,13 @@ class Acquisition:
         except Exception as exc:  # no result backend, or it is down: we cannot tell, so run
             logger.debug("cannot read the state of %s: %r", self.task_id, exc)
             return None
+
+    def _requeue_headers(self) -> dict[str, Any]:
+        """The headers of a re-queued copy of this message: the same ones, with the decided lock name."""
+        headers = dict(self.request.headers or {})
+        if self.config.key.wants_request:
+            headers[NAME_HEADER] = self.name
+        return headers
 
     def _drop_marker(self) -> None:
         if self.config.dedup_on_publish:

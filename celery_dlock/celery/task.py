@@ -16,13 +16,15 @@ frees the lock of a killed pool process in :mod:`celery_dlock.celery.request`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Task
 from celery.utils.imports import symbol_by_name
 
 from celery_dlock.celery import dedup
-from celery_dlock.celery.config import check_lock_store, redis_client_for_app
+from celery_dlock.celery.config import check_lock_store
+from celery_dlock.celery.keyrequest import name_for_publish
 from celery_dlock.celery.request import locked_request_class
 from celery_dlock.celery.runner import current_lock, run_locked
 from celery_dlock.celery.settings import (
@@ -115,20 +117,8 @@ class LockedTask(Task):  # type: ignore[misc]
     ) -> Any:
         config = self._lock_config()
         check_lock_store(self.app)  # no lock store: an error naming the setting, not a guess
-        everything = dict(options, link=link, link_error=link_error)
-        if not dedup.should_deduplicate(config, everything, self.app):
-            return super().apply_async(
-                args,
-                kwargs,
-                task_id=task_id,
-                producer=producer,
-                link=link,
-                link_error=link_error,
-                shadow=shadow,
-                **options,
-            )
 
-        def publish(chosen_id: str) -> Any:
+        def send(chosen_id: str | None, chosen_options: Mapping[str, Any]) -> Any:
             return super(LockedTask, self).apply_async(
                 args,
                 kwargs,
@@ -137,15 +127,15 @@ class LockedTask(Task):  # type: ignore[misc]
                 link=link,
                 link_error=link_error,
                 shadow=shadow,
-                **options,
+                **chosen_options,
             )
 
-        client = redis_client_for_app(self.app)
-        return dedup.publish_once(self, config, client, args, kwargs, task_id, options, publish)
+        canvas = {"link": link, "link_error": link_error}
+        return dedup.publish(self, config, args, kwargs, task_id, options, send, canvas)
 
     def lock_name_for(self, *args: Any, **kwargs: Any) -> str:
-        """The lock name a call with these arguments uses (the same at publish and in the worker)."""
-        return self._lock_config().key.name_for(args, kwargs)
+        """The lock name ``self.delay(*args, **kwargs)`` uses (the same at publish and in the worker)."""
+        return name_for_publish(self, self._lock_config(), None, args, kwargs, {})
 
     @property
     def lock(self) -> TaskLock | None:
