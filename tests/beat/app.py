@@ -5,7 +5,8 @@ Configured from the environment so every test run gets its own Redis keys and qu
 ``DLOCK_TEST_LOCK_URL`` names another server), ``DLOCK_TEST_PREFIX`` (``dlock_prefix``
 and the executions list), ``DLOCK_TEST_QUEUE``, ``DLOCK_TEST_LEASE`` (``dlock_beat_lease``),
 ``DLOCK_TEST_SCHEDULE`` (``fast``: one entry every second; ``slow``: one entry every hour,
-with beat's default 300 s loop interval).
+with beat's default 300 s loop interval), ``DLOCK_TEST_ALIGN`` (``1``: epoch-aligned
+interval ticks). RedBeat keeps its schedule under the same prefix.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ app.conf.update(
     dlock_redis_url=LOCK_URL,
     dlock_prefix=PREFIX,
     dlock_beat_lease=LEASE,
+    dlock_beat_align_intervals=os.environ.get("DLOCK_TEST_ALIGN") == "1",
+    redbeat_redis_url=REDIS_URL,
+    redbeat_key_prefix=f"{PREFIX}redbeat",
     beat_schedule=SCHEDULES[SCHEDULE],
     beat_max_loop_interval=300,
     timezone="UTC",

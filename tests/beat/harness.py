@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -91,7 +92,7 @@ class BeatCluster:
     def executions_key(self) -> str:
         return f"{self.prefix}executions"
 
-    def env(self, schedule: str) -> dict[str, str]:
+    def env(self, schedule: str, align: bool = False) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             DLOCK_TEST_REDIS_URL=self.redis_url,
@@ -100,18 +101,22 @@ class BeatCluster:
             DLOCK_TEST_LEASE=str(self.lease),
             DLOCK_TEST_LOCK_URL=self.lock_url,
             DLOCK_TEST_SCHEDULE=schedule,
+            DLOCK_TEST_ALIGN="1" if align else "0",
+            DLOCK_TEST_DJANGO_DB=str(self.workdir / "django-beat.sqlite3"),
             PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
             PYTHONUNBUFFERED="1",
         )
         return env
 
-    def _spawn(self, name: str, args: list[str], schedule: str) -> Proc:
+    def _spawn(
+        self, name: str, args: list[str], schedule: str, align: bool = False, app: str = "tests.beat.app"
+    ) -> Proc:
         log = self.workdir / f"{name}.log"
         out = log.open("ab")
         popen = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.beat.app", *args],
+            [sys.executable, "-m", "celery", "-A", app, *args],
             cwd=ROOT,
-            env=self.env(schedule),
+            env=self.env(schedule, align),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -120,9 +125,29 @@ class BeatCluster:
         self.procs.append(proc)
         return proc
 
-    def beat(self, name: str, schedule: str = "fast", schedule_file: str | None = None) -> Proc:
+    def beat(
+        self,
+        name: str,
+        schedule: str = "fast",
+        schedule_file: str | None = None,
+        align: bool = False,
+        scheduler: str = SCHEDULER,
+    ) -> Proc:
+        """A ``celery beat`` process; ``scheduler`` may be any of celery_dlock.beat's schedulers."""
         db = self.workdir / (schedule_file or f"{name}-schedule")
-        return self._spawn(name, ["beat", "-S", SCHEDULER, "--schedule", str(db), "-l", "info"], schedule)
+        app = "tests.beat.django_app" if "Database" in scheduler else "tests.beat.app"
+        args = ["beat", "-S", scheduler, "--schedule", str(db), "-l", "info"]
+        return self._spawn(name, args, schedule, align, app)
+
+    def migrate_django(self) -> None:
+        """Create django-celery-beat's tables in this cluster's SQLite database."""
+        subprocess.run(
+            [sys.executable, "-m", "django", "migrate", "-v", "0", "--settings=tests.beat.django_settings"],
+            cwd=ROOT,
+            env=self.env("fast"),
+            check=True,
+            timeout=120,
+        )
 
     def worker(self, name: str = "worker") -> Proc:
         args = [
@@ -165,8 +190,19 @@ class BeatCluster:
 
 
 def tick_seconds(label: str) -> int:
-    """``2024-01-01T00:00:05Z`` -> Unix seconds."""
-    return int(datetime.strptime(label, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+    """``2024-01-01T00:00:05Z`` (or with a fraction) -> whole Unix seconds."""
+    return int(tick_time(label))
+
+
+def tick_time(label: str) -> float:
+    """``2024-01-01T00:00:05.250000Z`` -> Unix time."""
+    return datetime.fromisoformat(label.replace("Z", "+00:00")).astimezone(timezone.utc).timestamp()
+
+
+def run_gaps(executions: list[dict[str, Any]], entry: str) -> list[float]:
+    """Seconds between consecutive runs of ``entry``, by the run times the leaders claimed."""
+    times = sorted(tick_time(e["tick"]) for e in executions if e["entry"] == entry)
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def duplicates(executions: list[dict[str, Any]]) -> dict[tuple[str, str], int]:

@@ -83,14 +83,19 @@ def now() -> datetime:
 
 
 @pytest.mark.parametrize(
-    "sched",
-    [timedelta(days=1), crontab(minute=0, hour=4)],
-    ids=["daily-interval", "daily-crontab"],
+    "sched, align",
+    [(timedelta(days=1), True), (crontab(minute=0, hour=4), False)],
+    ids=["daily-interval-aligned", "daily-crontab"],
 )
 def test_new_leader_with_stale_state_skips_the_tick_the_old_leader_published(
-    app: Celery, make: Callable[..., LockedScheduler], caplog: pytest.LogCaptureFixture, sched: Any
+    app: Celery,
+    make: Callable[..., LockedScheduler],
+    caplog: pytest.LogCaptureFixture,
+    sched: Any,
+    align: bool,
 ) -> None:
     caplog.set_level(logging.INFO, logger="celery_dlock.beat")
+    app.conf.dlock_beat_align_intervals = align
     app.conf.beat_schedule = {"daily": {"task": "reports.daily", "schedule": sched}}
     first = make("first", last_run_at=now() - timedelta(days=2))
     assert first.tick() == 0  # became leader and published the due tick
@@ -114,6 +119,73 @@ def test_new_leader_with_stale_state_skips_the_tick_the_old_leader_published(
     # The skipped tick counts as run: the entry is not retried on the next ticks.
     assert second.tick() > 0
     assert len(queue(app)) == 1
+
+
+# -- interval entries keep Celery's timing ---------------------------------------------------
+
+
+def test_an_interval_entry_keeps_celerys_timing_not_midnight_utc(
+    app: Celery, make: Callable[..., LockedScheduler]
+) -> None:
+    # A daily entry last run 1 h ago is next due 23 h from now (Celery's own timing),
+    # not at the next midnight UTC.
+    app.conf.beat_schedule = {"daily": {"task": "reports.daily", "schedule": timedelta(days=1)}}
+    current = now()
+    midnight = current.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    until_midnight = midnight - current
+    offset = timedelta(hours=1)
+    if abs(until_midnight - (timedelta(days=1) - offset)) < timedelta(minutes=30):
+        offset = timedelta(hours=5)  # the two would agree now: tell them apart another way
+    leader = make("leader", last_run_at=current - offset)
+    leader.tick()
+    assert leader.is_leader and queue(app) == []
+    due, next_check = leader.is_due(leader.schedule["daily"])
+    assert not due
+    expected = (current - offset + timedelta(days=1) - now()).total_seconds()
+    assert abs(next_check - expected) < 5, (next_check, expected, until_midnight.total_seconds())
+
+
+def test_a_new_leader_continues_an_interval_entry_from_its_last_run_in_redis(
+    app: Celery, make: Callable[..., LockedScheduler]
+) -> None:
+    app.conf.beat_schedule = {"hourly": {"task": "reports.hourly", "schedule": 3600.0}}
+    first = make("first", last_run_at=now() - timedelta(hours=2))
+    assert first.tick() == 0  # leads and publishes the due run
+    published = queue(app)
+    assert [m["headers"]["dlock_beat_entry"] for m in published] == ["hourly"]
+    ran_at = datetime.fromisoformat(published[0]["headers"]["dlock_beat_tick"].replace("Z", "+00:00"))
+    first.close()
+    second = make("second", last_run_at=now() - timedelta(hours=5))  # stale: due at once by itself
+    second.tick()
+    assert second.is_leader
+    assert len(queue(app)) == 1, "the new leader ran the entry again within its interval"
+    entry = second.schedule["hourly"]
+    assert abs((entry.last_run_at - ran_at).total_seconds()) < 0.001
+    due, next_check = second.is_due(entry)
+    assert not due and 3590 < next_check <= 3600  # an hour after the first leader's run
+
+
+def test_a_claim_refused_because_another_beat_just_ran_the_interval_entry_moves_its_next_run(
+    app: Celery, make: Callable[..., LockedScheduler], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_dlock.beat")
+    app.conf.beat_schedule = {"hourly": {"task": "reports.hourly", "schedule": 3600.0}}
+    leader = make("leader")
+    leader.tick()
+    assert leader.is_leader
+    # Another beat ran the entry 10 minutes ago (this one never heard of it).
+    other_run = now() - timedelta(minutes=10)
+    micros = int(other_run.timestamp() * 1_000_000)
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{lock_key(app)}:last:hourly", f"{micros} fence 1 elsewhere:1", px=60_000)
+    client.close()
+    leader.schedule["hourly"].last_run_at = now() - timedelta(hours=3)
+    leader._heap = None
+    assert leader.tick() == 0
+    assert queue(app) == []
+    assert "skipped a run of 'hourly'" in caplog.text and "elsewhere:1" in caplog.text
+    due, next_check = leader.is_due(leader.schedule["hourly"])
+    assert not due and 2990 < next_check <= 3000  # an hour after the other beat's run
 
 
 def test_claim_by_a_deposed_leader_is_refused_and_it_steps_down_without_raising(

@@ -15,11 +15,12 @@ from celery.schedules import crontab, schedule
 
 from celery_dlock.beat import (
     TICK_TTL_MARGIN,
+    AlignedInterval,
     LockedScheduler,
     Tick,
     aligned_is_due,
     beat_lock_name,
-    is_epoch_aligned,
+    is_interval,
     latest_fire,
     scheduled_tick,
     tick_key,
@@ -44,12 +45,25 @@ def entry(app: Celery, sched: Any, last_run_at: datetime, name: str = "job") -> 
     return ScheduleEntry(name=name, task="t", schedule=sched, last_run_at=last_run_at, app=app)
 
 
-# -- interval entries: aligned on the epoch -----------------------------------------
+# -- interval entries: Celery's timing, the run itself is claimed ----------------------
+
+
+def test_an_interval_run_is_claimed_at_the_time_it_runs_against_the_entrys_interval(app: Celery) -> None:
+    now = at("2024-05-01T12:00:07.400000")
+    every_5 = schedule(timedelta(seconds=5), app=app)
+    tick = scheduled_tick(entry(app, every_5, at("2024-05-01T12:00:02.100000")), now)
+    ttl = 2 * timedelta(seconds=5) + TICK_TTL_MARGIN
+    assert tick == Tick("job", now, ttl, run_every=timedelta(seconds=5))
+    assert tick.label == "2024-05-01T12:00:07.400000Z"
+    assert tick.micros == int(now.timestamp() * 1_000_000)
+
+
+# -- interval entries with dlock_beat_align_intervals: aligned on the epoch ------------
 
 
 def test_interval_ticks_are_aligned_on_the_epoch_whatever_last_run_at_is(app: Celery) -> None:
     now = at("2024-05-01T12:00:07.400000")
-    every_5 = schedule(timedelta(seconds=5), app=app)
+    every_5 = AlignedInterval.of(schedule(timedelta(seconds=5), app=app))
     fresh = entry(app, every_5, at("2024-05-01T12:00:04.900000"))
     stale = entry(app, every_5, at("2024-04-01T00:00:00"))  # a standby that never ran it
     a, b = scheduled_tick(fresh, now), scheduled_tick(stale, now)
@@ -73,21 +87,22 @@ def test_aligned_is_due_when_the_clock_enters_a_later_slot(app: Celery) -> None:
 
 
 def test_subsecond_intervals_and_naive_datetimes(app: Celery) -> None:
-    half = schedule(0.5, app=app)
+    half = AlignedInterval.of(schedule(0.5, app=app))
     tick = scheduled_tick(entry(app, half, datetime(2024, 5, 1)), datetime(2024, 5, 1, 12, 0, 1, 700000))
     assert tick.label == "2024-05-01T12:00:01.500000Z"
 
 
-def test_which_schedules_are_aligned(app: Celery) -> None:
+def test_which_schedules_are_intervals(app: Celery) -> None:
     class Custom(schedule):  # type: ignore[misc]
         def is_due(self, last_run_at: datetime) -> Any:
             return super().is_due(last_run_at)
 
-    assert is_epoch_aligned(schedule(1, app=app))
-    assert is_epoch_aligned(schedule(timedelta(hours=1), relative=True, app=app))
-    assert not is_epoch_aligned(schedule(0, app=app))
-    assert not is_epoch_aligned(Custom(1, app=app))
-    assert not is_epoch_aligned(crontab(app=app))
+    assert is_interval(schedule(1, app=app))
+    assert is_interval(schedule(timedelta(hours=1), relative=True, app=app))
+    assert is_interval(AlignedInterval.of(schedule(1, app=app)))
+    assert not is_interval(schedule(0, app=app))
+    assert not is_interval(Custom(1, app=app))
+    assert not is_interval(crontab(app=app))
 
 
 # -- calendar entries: the latest fire time at or before now ------------------------
