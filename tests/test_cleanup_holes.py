@@ -16,10 +16,10 @@ import redis.asyncio
 from celery_dlock import DistributedLock
 from celery_dlock.asyncio import DistributedLock as AsyncLock
 from celery_dlock.watchdog import get_watchdog
-from tests.support.protocols import resp2_and_resp3
+from tests.support.protocols import protocols_and_paths
 
 # Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
-redis_url = resp2_and_resp3
+redis_url = protocols_and_paths
 
 
 class Interrupt(BaseException):

@@ -14,10 +14,10 @@ from celery_dlock import (
     distributed_lock_decorator,
     get_redis,
 )
-from tests.support.protocols import resp2_and_resp3
+from tests.support.protocols import protocols_and_paths
 
 # Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
-redis_url = resp2_and_resp3
+redis_url = protocols_and_paths
 
 
 def test_distributed_lock_context_manager(r: redis.Redis, name: str) -> None:

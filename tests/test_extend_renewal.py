@@ -15,10 +15,10 @@ from celery_dlock.asyncio import DistributedLock as AsyncLock
 from celery_dlock.schedule import RenewalSchedule
 from celery_dlock.scripts import EXTEND
 from celery_dlock.watchdog import run_script_batch
-from tests.support.protocols import resp2_and_resp3
+from tests.support.protocols import protocols_and_paths
 
 # Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
-redis_url = resp2_and_resp3
+redis_url = protocols_and_paths
 
 
 def test_a_renewal_reply_sent_before_an_extend_never_raises_trust_after_it(r: redis.Redis, name: str) -> None:

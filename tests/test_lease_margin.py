@@ -22,10 +22,10 @@ import redis.asyncio
 from celery_dlock import DistributedLock
 from celery_dlock.asyncio import DistributedLock as AsyncLock
 from tests.support.holders import acquire_and_read_pttl
-from tests.support.protocols import resp2_and_resp3
+from tests.support.protocols import protocols_and_paths
 
 # Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
-redis_url = resp2_and_resp3
+redis_url = protocols_and_paths
 
 
 def lease_floor_ms(timeout_ms: float, round_trip_s: float) -> float:

@@ -22,10 +22,10 @@ from celery_dlock.notify import ReleaseNotifier, notifier_for
 from celery_dlock.scripts import HANDOFF_WINDOW_MS, JOIN, WAIT
 from celery_dlock.watchdog import get_watchdog
 from tests.support.counting import CountingRedis
-from tests.support.protocols import resp2_and_resp3
+from tests.support.protocols import protocols_and_paths
 
 # Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
-redis_url = resp2_and_resp3
+redis_url = protocols_and_paths
 
 # -- 1. ownership ----------------------------------------------------------------
 

@@ -20,10 +20,10 @@ from redis.cluster import key_slot
 from celery_dlock import DistributedLock
 from celery_dlock.asyncio import DistributedLock as AsyncDistributedLock
 from tests.support.counting import CountingRedis
-from tests.support.protocols import resp2_and_resp3
+from tests.support.protocols import protocols_and_paths
 
 # Every client made from redis_url here speaks RESP2 in one run, RESP3 in the other.
-redis_url = resp2_and_resp3
+redis_url = protocols_and_paths
 
 
 def test_the_next_holder_reads_the_note_of_the_last_release(r: redis.Redis, name: str) -> None:

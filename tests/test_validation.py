@@ -52,7 +52,7 @@ def test_bad_lock_options(
     keys_before = set(r.keys("dlock:*"))
     with pytest.raises(error, match=message):
         DistributedLock(r, lock_name, **options)
-    assert set(r.keys("dlock:*")) == keys_before  # nothing was locked
+    assert set(r.keys("dlock:*")) - keys_before == set()  # nothing was locked (others' keys may expire)
 
 
 def test_bad_client() -> None:
@@ -98,7 +98,7 @@ def test_bad_asyncio_lock_options(
     keys_before = set(r.keys("dlock:*"))
     with pytest.raises(error, match=message):
         AsyncLock(redis.asyncio.Redis(), lock_name, **options)
-    assert set(r.keys("dlock:*")) == keys_before
+    assert set(r.keys("dlock:*")) - keys_before == set()  # nothing written (others' keys may expire)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_template_value_with_braces_is_refused_and_nothing_locked(r: redis.Redis
     keys_before = set(r.keys("dlock:*"))
     with pytest.raises(ValueError, match="hash tag.*'order:a}b'"):
         process("a}b")
-    assert set(r.keys("dlock:*")) == keys_before
+    assert set(r.keys("dlock:*")) - keys_before == set()  # nothing written (others' keys may expire)
 
 
 def test_decorator_name_of_wrong_type() -> None:

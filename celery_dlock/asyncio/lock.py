@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from celery_dlock.connection import first_sight, report_eviction_policy
+from celery_dlock.connection import first_sight, reject_foreign_client, report_eviction_policy
 from celery_dlock.deadline import DeadlineExceeded
 from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
@@ -103,6 +103,7 @@ async def run_bound(client: Any, script: BoundScript, *args: Any) -> Any:
 def check_async_client(client: object) -> Any:
     import redis.asyncio
 
+    reject_foreign_client(client)
     if not isinstance(client, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):
         if callable(getattr(client, "evalsha", None)):
             raise TypeError(

