@@ -10,6 +10,7 @@
 See docs/celery.md.
 """
 
+import celery_dlock.celery.compat  # noqa: F401 (first: refuses a Celery this layer cannot work with)
 from celery_dlock.celery.dedup import QueuedMarker, clear_queued_marker, queued_markers
 from celery_dlock.celery.errors import LockStoreNotConfigured, TaskSkipped
 from celery_dlock.celery.install import install

@@ -541,8 +541,11 @@ def _header_count(request: Any, name: str) -> int:
 
 
 def _ignores_result(task: Any, request: Any) -> bool:
-    from celery.app.task import get_actual_ignore_result
-
+    """Whether Celery stores no result for this run: what its tracer decides."""
+    try:  # Celery 5.4+: the request may override the task's ignore_result
+        from celery.app.task import get_actual_ignore_result
+    except ImportError:  # Celery 5.3: the task's option alone decides
+        return bool(task.ignore_result)
     return bool(get_actual_ignore_result(task, request))
 
 

@@ -193,3 +193,18 @@ def test_install_checks_option_values_when_the_task_registers() -> None:
 
     with pytest.raises(ValueError, match="on_contention of task 'tests.celery.test_options.foreign_job'"):
         app.finalize()
+
+
+def test_celery_before_5_5_is_refused_because_a_task_call_would_lose_its_request() -> None:
+    from celery import Task
+
+    from celery_dlock.celery.compat import task_call_keeps_the_request
+
+    class BeforeFiveFive(Task):  # type: ignore[misc]
+        def push_request(self, *args: Any, **kwargs: Any) -> None:
+            from celery.app.task import Context
+
+            self.request_stack.push(Context(*args, **kwargs))  # Celery 5.3/5.4: an empty request
+
+    assert task_call_keeps_the_request()  # the installed Celery
+    assert not task_call_keeps_the_request(BeforeFiveFive)
