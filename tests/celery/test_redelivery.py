@@ -8,14 +8,12 @@ import signal
 from types import ModuleType
 
 import pytest
-
 from kombu.transport import redis as kombu_redis
 
 from celery_dlock.keys import LockKeys
 from tests.celery.apps.common import close_gate, open_gate, read_started, records
 from tests.celery.conftest import load_app, start_worker
 from tests.celery.helpers import wait_until
-
 
 # The broker must hand an unacknowledged message out again within seconds: kombu's Redis
 # transport has the settings for that (unacked_restore_interval/_throttle) from 5.7; older
