@@ -16,6 +16,10 @@ cell runs the whole suite; the others the quick suite (``-m "not slow"``).
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import subprocess
 import time
 
 import nox
@@ -70,6 +74,17 @@ def name_of(session: nox.Session) -> str:
     return session.name.removeprefix("cell-")
 
 
+def interpreter(version: str) -> str:
+    """``pythonX.Y`` if it runs, else pyenv's installed X.Y (pyenv's shim for a version
+    that is installed but not selected does not run)."""
+    found = shutil.which(f"python{version}")
+    if found and subprocess.run([found, "-c", ""], capture_output=True, check=False).returncode == 0:
+        return found
+    pattern = os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")
+    candidates = sorted(glob.glob(pattern), reverse=True)
+    return candidates[0] if candidates else version  # nox reports a missing interpreter
+
+
 def _define(name: str, python: str, celery: str, redis: str, server: str, tests: str) -> None:
     def cell(session: nox.Session) -> None:
         _run_cell(session, python, celery, redis, server, tests)
@@ -78,7 +93,7 @@ def _define(name: str, python: str, celery: str, redis: str, server: str, tests:
     versions = f"Python {python}, Celery {celery}, kombu {kombu}, redis-py {redis}, Redis {server}"
     cell.__doc__ = f"{versions} ({tests} suite)"
     tags = ["cells", "quick" if tests == "quick" else "full"]
-    nox.session(name=f"cell-{name}", python=python, tags=tags)(cell)
+    nox.session(name=f"cell-{name}", python=interpreter(python), tags=tags)(cell)
 
 
 for _name, _values in CELLS.items():
