@@ -153,3 +153,36 @@ def test_a_valkey_py_client_is_refused_with_a_clear_error() -> None:
         DistributedLock(valkey.Valkey(), "v")
     with pytest.raises(TypeError, match="valkey-py clients are not supported"):
         celery_dlock.asyncio.DistributedLock(valkey_asyncio.Valkey(), "v")
+
+
+@pytest.mark.slow
+def test_an_instrumented_redis_cluster_client_sees_every_lock_script(
+    spans: tuple[Any, InMemorySpanExporter],
+) -> None:
+    from redis.cluster import RedisCluster
+
+    from tests.support.cluster import LocalCluster
+
+    tracer, exporter = spans
+
+    class Client(RedisCluster):
+        pass
+
+    Client.execute_command = traced(tracer)(RedisCluster.execute_command)
+    cluster = LocalCluster().start()
+    try:
+        client = Client(host="127.0.0.1", port=cluster.startup_port)
+        try:
+            assert script_channel(client) is None
+            before = sum(script_calls(node.url) for node in cluster.nodes)
+            for index in range(6):  # names spread over the primaries
+                lock = DistributedLock(client, f"instrumented-cluster-{index}", timeout=5)
+                assert lock.acquire(blocking=False)
+                assert lock.release()
+            ran = sum(script_calls(node.url) for node in cluster.nodes) - before
+        finally:
+            client.close()
+    finally:
+        cluster.stop()
+    assert ran >= 12
+    assert traced_scripts(exporter) == ran
