@@ -422,7 +422,12 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     encoder = redis.Redis().get_encoder()
     serializer = PythonRespSerializer(6000, encoder.encode)
     command = ("EVALSHA", b"sha", b"3", b"key", "t\u00f6ken", 1500, 2.5, -3, b"", "")
-    command += (bytearray(b"x"), "x" * 10000)
+    command += ("x" * 10000,)
+    try:
+        encoder.encode(bytearray(b"x"))
+        command += (bytearray(b"x"),)  # a type some redis-py versions accept (6.x refuses it)
+    except redis.DataError:
+        pass
     assert pack_command(command, "utf-8", "strict") == b"".join(serializer.pack(*command))
     assert pack_command(("SET", "\u00e9"), "latin-1", "strict") == b"*2\r\n$3\r\nSET\r\n$1\r\n\xe9\r\n"
     for bad in (True, None, [1], object()):
