@@ -36,7 +36,7 @@ from celery.signals import task_revoked
 from redis.exceptions import RedisError
 
 from celery_dlock.celery.config import lock_prefix, redis_client_for_app
-from celery_dlock.celery.keyrequest import name_for_publish, name_for_run, with_name_header
+from celery_dlock.celery.keyrequest import decided_name, name_for_publish, name_for_run, with_name_header
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.keys import LockKeys
 from celery_dlock.lock import run_script
@@ -194,9 +194,13 @@ def publish(
 
     name = None
     if config.key.wants_request:
-        task_id = task_id or new_task_id()
-        name = name_for_publish(task, config, task_id, args or (), kwargs or {}, options)
-        options = with_name_header(options, name)
+        # A re-publication of a message (a lock retry, self.retry()) keeps the name decided
+        # for it; a new message gets one now.
+        name = decided_name(options)
+        if name is None:
+            task_id = task_id or new_task_id()
+            name = name_for_publish(task, config, task_id, args or (), kwargs or {}, options)
+            options = with_name_header(options, name)
     if not should_deduplicate(config, {**options, **(canvas or {})}, task.app):
         return send(task_id, options)
     task_id = task_id or new_task_id()

@@ -105,6 +105,12 @@ def name_for_publish(
     return config.key.name_for(args, kwargs, request)
 
 
+def decided_name(options: Mapping[str, Any]) -> str | None:
+    """The lock name already decided for a message being published again, if any."""
+    value = (options.get("headers") or {}).get(NAME_HEADER)
+    return value if isinstance(value, str) and value else None
+
+
 def with_name_header(options: Mapping[str, Any], name: str) -> dict[str, Any]:
     """``options`` whose ``headers`` also carry the decided lock name."""
     return {**options, "headers": {**(options.get("headers") or {}), NAME_HEADER: name}}

@@ -81,3 +81,19 @@ def test_the_request_a_key_sees_at_publish(keyrequest: ModuleType) -> None:
         priority=3,
         headers={"tenant": "a"},
     )
+
+
+def test_a_message_published_again_keeps_the_name_decided_for_it(keyrequest: ModuleType, tag: str) -> None:
+    # A lock retry or self.retry() publishes the message again with its headers: the
+    # name decided the first time is kept, not worked out anew.
+    from celery_dlock.keys import LockKeys
+    from tests.celery.apps.common import records
+
+    decided = f"decided-{tag}"
+    result = keyrequest.tenant_job.apply_async((tag, 1), headers={"tenant": "z", "dlock_lock_name": decided})
+    try:
+        marker = LockKeys.for_name(decided, keyrequest.app.conf.dlock_prefix).extension("queued")
+        assert records().get(marker) == result.id.encode()
+    finally:
+        with keyrequest.app.connection_for_write() as connection:
+            connection.default_channel.queue_purge(keyrequest.app.conf.task_default_queue)
