@@ -58,7 +58,7 @@ from celery_dlock.celery import dedup
 from celery_dlock.celery.coalesce import RunNote, call_identity, name_digest, requested_at
 from celery_dlock.celery.config import redis_client_for_app
 from celery_dlock.celery.errors import RunSkipped, TaskSkipped
-from celery_dlock.celery.keyrequest import NAME_HEADER, name_for_run
+from celery_dlock.celery.keyrequest import NAME_HEADER, message_header, name_for_run
 from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
@@ -521,21 +521,12 @@ def is_redelivery(request: Any) -> bool:
     delivery_info = getattr(request, "delivery_info", None) or {}
     if delivery_info.get("redelivered"):
         return True
-    return _header(request, REDELIVERIES_HEADER) is not None
-
-
-def _header(request: Any, name: str) -> Any:
-    # Custom headers are attributes of the request on some Celery versions and
-    # entries of request.headers on others.
-    value = request.__dict__.get(name)
-    if value is None and isinstance(request.headers, dict):
-        value = request.headers.get(name)
-    return value
+    return message_header(request, REDELIVERIES_HEADER) is not None
 
 
 def _header_count(request: Any, name: str) -> int:
     try:
-        return max(0, int(_header(request, name) or 0))
+        return max(0, int(message_header(request, name) or 0))
     except (TypeError, ValueError):
         return 0
 
