@@ -54,6 +54,7 @@ operation metrics.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -151,12 +152,17 @@ def _internals_fit(pool: Any) -> bool:
         if missing:
             logger.debug(
                 "celery-dlock: redis-py %s, %s/%s: lock scripts go through execute_command (%s)",
-                redis.__version__, pool_class.__name__, connection_class.__name__, "; ".join(missing),
+                redis.__version__,
+                pool_class.__name__,
+                connection_class.__name__,
+                "; ".join(missing),
             )
         else:
             logger.debug(
                 "celery-dlock: redis-py %s, %s/%s: lock scripts go through the script channel",
-                redis.__version__, pool_class.__name__, connection_class.__name__,
+                redis.__version__,
+                pool_class.__name__,
+                connection_class.__name__,
             )
     return fit
 
@@ -182,8 +188,9 @@ def _missing_internals(pool_class: type, connection_class: type) -> list[str]:
         required = [p for p in parameters if p.default is p.empty and p.kind not in optional]
         return all(p.name in given for p in required)
 
-    if not callable_as(pool_class, "get_connection"):
-        missing.append("ConnectionPool.get_connection() needs arguments")
+    takes_no_arguments = callable_as(pool_class, "get_connection")
+    if not (takes_no_arguments or callable_as(pool_class, "get_connection", "command_name")):
+        missing.append("ConnectionPool.get_connection() needs arguments other than a command name")
     if not callable_as(pool_class, "release", "connection"):
         missing.append("ConnectionPool.release(connection) differs")
     for method, given in (
@@ -208,6 +215,32 @@ def _packs_differently(pool: Any) -> list[str]:
     encoding, errors = kwargs.get("encoding") or "utf-8", kwargs.get("encoding_errors") or "strict"
     ours = pack_command(_PACKING_PROBE, encoding, errors)
     return [] if theirs == ours else ["Connection.pack_command() packs a script call differently"]
+
+
+def _checkout_call(pool: Any) -> Callable[[], Any]:
+    """How to take a connection from ``pool``: ``get_connection()``, or, where redis-py
+    before 5.3 requires a command name (which its pools ignore), ``get_connection("EVALSHA")``."""
+    if _wants_command_name(type(pool)):
+        return functools.partial(pool.get_connection, "EVALSHA")
+    check_out: Callable[[], Any] = pool.get_connection
+    return check_out
+
+
+def _wants_command_name(pool_class: type) -> bool:
+    """Whether ``get_connection`` requires a ``command_name``: the first definition in the
+    class's MRO that names its parameters says (a subclass passing ``*args`` on does not)."""
+    for cls in pool_class.__mro__:
+        function = vars(cls).get("get_connection")
+        if function is None:
+            continue
+        try:
+            parameters = list(inspect.signature(function).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return False
+        if all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+            continue
+        return any(p.name == "command_name" and p.default is p.empty for p in parameters)
+    return False
 
 
 def _is_redis_py_execute_command(function: Any) -> bool:
@@ -259,6 +292,7 @@ class ScriptChannel:
         self._dedicated: Any = None
         if dedicated:
             _dedicated_channels.add(self)
+        self._check_out = _checkout_call(self._pool)
         kwargs = self._pool.connection_kwargs
         self._encoding: str = kwargs.get("encoding") or "utf-8"
         self._encoding_errors: str = kwargs.get("encoding_errors") or "strict"
@@ -340,7 +374,7 @@ class ScriptChannel:
                 if conn is None:
                     if deadline is not None:
                         raise _MustConnect
-                    conn = self._dedicated = self._pool.get_connection()
+                    conn = self._dedicated = self._check_out()
                     # Back to the pool when this channel (its client) is gone.
                     weakref.finalize(self, _give_back, self._pool, conn, os.getpid())
                 else:
@@ -351,7 +385,7 @@ class ScriptChannel:
                 dedicated_lock.release()
         if deadline is not None:
             raise _MustConnect  # a checkout may reconnect: only on a helper thread
-        conn = self._pool.get_connection()
+        conn = self._check_out()
         try:
             return _send_and_read(conn, packed, read, deadline)
         finally:

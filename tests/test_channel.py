@@ -194,6 +194,14 @@ def test_a_single_connection_client_is_served_on_its_own_connection(redis_url: s
     tag = f"dlock-single-{uuid.uuid4().hex[:12]}"
     client = redis.Redis.from_url(redis_url, single_connection_client=True, client_name=tag)
     admin = redis.Redis.from_url(redis_url)
+    if getattr(client, "single_connection_lock", None) is None:
+        # A redis-py that does not guard its one connection with a lock the channel could share.
+        assert script_channel(client) is None
+        lock = DistributedLock(client, name)
+        assert lock.acquire() and lock.release()
+        client.close()
+        admin.close()
+        return
     assert script_channel(client) is not None
     own_id = int(client.execute_command("CLIENT", "ID"))
     assert next_connection_id(client) == own_id
@@ -215,6 +223,8 @@ def test_a_single_connection_client_is_served_on_its_own_connection(redis_url: s
 def test_threads_take_turns_on_a_kept_connection(redis_url: str, name: str, kind: str) -> None:
     """Its lock keeps one thread's command and reply together: no thread reads another's reply."""
     client = redis.Redis.from_url(redis_url, single_connection_client=kind == "single-connection")
+    if kind == "single-connection" and getattr(client, "single_connection_lock", None) is None:
+        pytest.skip(f"redis-py {redis.__version__}'s single-connection client is not thread-safe")
     if kind == "dedicated":
         dedicate_connection(client)
     errors: list[BaseException] = []
@@ -454,3 +464,26 @@ def test_where_redis_py_internals_differ_the_lock_uses_execute_command(
     lock = DistributedLock(client, name, timeout=5, auto_renewal=True)
     assert lock.acquire() and lock.is_locked_by_me() and lock.extend(5) and lock.release()
     assert script_channel(redis.Redis.from_url(redis_url)) is not None  # redis-py's own classes fit
+
+
+class PoolNamingTheCommand(redis.ConnectionPool):
+    """A pool whose get_connection() requires a command name, as redis-py's did before 5.3."""
+
+    names: list[str]
+
+    def get_connection(self, command_name: str, *keys: Any, **options: Any) -> Any:  # type: ignore[override]
+        self.names = [*getattr(self, "names", []), command_name]
+        try:
+            return super().get_connection()
+        except TypeError:  # this redis-py's own pool wants the name too
+            return super().get_connection(command_name)
+
+
+def test_a_pool_that_wants_a_command_name_gets_one_and_keeps_the_channel(redis_url: str, name: str) -> None:
+    pool = PoolNamingTheCommand.from_url(redis_url)
+    client = redis.Redis(connection_pool=pool)
+    assert script_channel(client) is not None
+    lock = DistributedLock(client, name, timeout=5, auto_renewal=True)
+    assert lock.acquire() and lock.extend(5) and lock.release()
+    assert pool.names and set(pool.names) == {"EVALSHA"}
+    pool.disconnect()
