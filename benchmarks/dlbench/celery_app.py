@@ -74,6 +74,31 @@ def p4_plain(self: Task, i: int) -> None:
 
 P4_TASKS["plain Task"] = p4_plain
 
+#: The floor lock's compare-and-delete (as in P1), for the probe below.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_releases: dict[int, Any] = {}
+
+
+def release_script() -> Any:
+    pid = os.getpid()
+    if pid not in _releases:
+        _releases[pid] = client().register_script(_RELEASE)  # EVALSHA, loaded on first NOSCRIPT
+    return _releases[pid]
+
+
+@app.task(bind=True, name="dlbench.p4.probe")
+def p4_probe(self: Task, i: int) -> None:
+    """A plain task that also pays two bare round trips, the floor lock's (P1): SET NX PX and
+    its token-checked release by EVALSHA. Its cost over plain is the yardstick of a lock's
+    cost per task: P4's target is LockedTask at most 2x that."""
+    key = f"{PREFIX}probe:{i}"
+    client().set(key, "token", nx=True, px=60_000)
+    release_script()(keys=[key], args=["token"])
+    _fast(self)
+
+
+P4_TASKS["probe: plain + 2 bare round trips"] = p4_probe
+
 try:
     from celery_dlock.celery import LockedTask
 except Exception as exc:

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 DLOCK = "celery-dlock"
+#: The P4 variant paying two bare round trips over plain (see dlbench/celery_app.py).
+PROBE = "probe: plain + 2 bare round trips"
 
 
 def _f(value: Any, digits: int = 2) -> str:
@@ -85,6 +87,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_f(locked['ratio_to_plain'])} x plain vs "
             + ", ".join(f"{k.split()[0]} {_f(v)} x" for k, v in peers.items()),
             all(locked["ratio_to_plain"] > v for v in peers.values()) if peers else None)
+        plain, probe = p4.get("plain Task"), p4.get(PROBE)
+        if plain and probe and plain.get("all_cpu_ms_per_task") is not None:
+            over = {k: v["all_cpu_ms_per_task"] - plain["all_cpu_ms_per_task"] for k, v in p4.items()}
+            peer_over = {k: v for k, v in over.items() if k.startswith(("celery-once", "celery-singleton"))}
+            mine, yardstick = over["celery-dlock LockedTask"], over[PROBE]
+            add("P4", "LockedTask all-CPU/task over plain below QueueOnce's and Singleton's",
+                f"+{_f(mine)} ms vs " + ", ".join(f"{k.split()[0]} +{_f(v)}" for k, v in peer_over.items()),
+                all(mine < v for v in peer_over.values()) if peer_over else None)
+            add("P4", "LockedTask all-CPU/task over plain <= 2 x the probe's (two bare round trips)",
+                f"+{_f(mine)} ms = {_f(mine / yardstick if yardstick > 0 else float('inf'))} x probe "
+                f"(+{_f(yardstick)} ms)", mine <= 2 * yardstick)
     elif "P4" in results:
         why = _get(results, "P4", "missing", "LockedTask") or _get(results, "P4", "skipped")
         add("P4", "LockedTask >= 0.85 x plain, ahead of peers", f"skipped: {why}", None)

@@ -1,6 +1,7 @@
 """What the Celery layer needs of Celery, checked by behaviour when it is imported.
 
-A locked task runs its body inside its own ``__call__``. Celery before 5.5 pushes an
+A locked task's body may be reached through ``Task.__call__`` (a direct call, or a
+base class with a ``__call__`` of its own, even in a worker). Celery before 5.5 pushes an
 empty request there (``Task.push_request`` does not start from the current one), so the
 body would see no task id, no retries and no headers, and the lock could not tell a
 worker run from a direct call. Those versions are refused with an error that says so.

@@ -237,8 +237,21 @@ def redis_client_for_app(app: Any) -> Any:
     does. A Celery pool process runs one task at a time, so nothing waits for that
     connection; with a thread pool, a thread that finds it busy borrows one from the
     pool. Other commands, pipelines and waiters' pub/sub use the pool.
+
+    Every locked run asks for it, so the answer is remembered per app for as long as
+    the settings that chose it are the same objects (see :func:`_store_settings_seen`).
     """
-    store = lock_store(app.conf)
+    seen = _store_settings_seen(app)
+    remembered = _remembered.get(app) if seen is not None else None
+    if remembered is not None and remembered[0] == seen:
+        return remembered[1]
+    client = _client_for(lock_store(app.conf))
+    if seen is not None:
+        _remembered[app] = (seen, client)
+    return client
+
+
+def _client_for(store: LockStore) -> Any:
     key = (os.getpid(), *store.identity())
     client = _clients.get(key)
     if client is not None:
@@ -250,3 +263,35 @@ def redis_client_for_app(app: Any) -> Any:
             dedicate_connection(client)  # before any other thread can see the client
             _clients[key] = client
         return client
+
+
+#: The settings :func:`lock_store` reads.
+STORE_SETTINGS = (
+    "dlock_redis_client",
+    "dlock_redis_url",
+    "dlock_redis_transport_options",
+    "dlock_redis_use_ssl",
+    "broker_url",
+    "broker_transport_options",
+    "broker_use_ssl",
+)
+
+#: app -> (what _store_settings_seen saw, the client it got).
+_remembered: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _store_settings_seen(app: Any) -> tuple[Any, ...] | None:
+    """What changes when the app's lock store may have changed: the process, the app's
+    configuration object, and the store settings assigned at run time, which Celery
+    keeps in ``conf.changes`` (a plain dict; settings from a config module or Django
+    are fixed once the app is configured, and reloading them makes a new conf). Reading
+    that dict is cheap; asking ``app.conf`` for an unset setting is not. None where
+    ``conf`` is not Celery's: then the settings are read on every call.
+
+    A setting's value is compared by identity: assign a new value, do not mutate one.
+    """
+    conf = app.conf
+    changes = getattr(conf, "changes", None)
+    if type(changes) is not dict:
+        return None
+    return (os.getpid(), conf, *[changes.get(name) for name in STORE_SETTINGS])

@@ -11,9 +11,8 @@ Why not signals alone? Celery logs and swallows any exception raised by a
 signal receiver (``task_prerun`` included, see ``celery.app.trace``), so a
 receiver cannot stop a run, which "skip", "retry" and "fail" must do. The run
 is stopped from inside instead: each listed task's ``run`` is wrapped by
-:func:`celery_dlock.celery.runner.run_locked`, the very function
-``LockedTask.__call__`` uses. The task keeps its own class, base class and
-``__call__``. The rest is the same Celery machinery LockedTask uses:
+:func:`celery_dlock.celery.runner.locked_run`, as LockedTask's is. The task keeps
+its own class, base class and ``__call__``. The rest is the same Celery machinery LockedTask uses:
 ``task_postrun`` releases the lock, ``task_revoked`` drops queued markers, and
 the task's ``Request`` class is extended so the worker's main process frees
 the lock of a killed pool process. With ``dedup_on_publish``, ``apply_async``
@@ -33,7 +32,6 @@ reported with a warning when a worker starts.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import types
@@ -49,7 +47,7 @@ from celery.utils.imports import symbol_by_name
 from celery_dlock.celery import dedup
 from celery_dlock.celery.config import check_lock_store_at_start
 from celery_dlock.celery.request import locked_request_class
-from celery_dlock.celery.runner import run_locked
+from celery_dlock.celery.runner import locked_run
 from celery_dlock.celery.settings import (
     OPTION_NAMES,
     TaskLockConfig,
@@ -206,7 +204,7 @@ def locked_attributes(task_class: Any, app: Any, options: Mapping[str, Any]) -> 
         options, app.conf, task_class.name, signature, default_retry_delay=task_class.default_retry_delay
     )
     attributes: dict[str, Any] = {
-        "run": _locked_run(task_class, config, signature),
+        "run": locked_run(task_class, config, signature),
         "Request": locked_request_class(symbol_by_name(task_class.Request)),
         "_dlock_config": config,
         INSTALLED_ATTR: True,
@@ -215,28 +213,6 @@ def locked_attributes(task_class: Any, app: Any, options: Mapping[str, Any]) -> 
         attributes["apply_async"] = _publishing_apply_async(config, task_class.apply_async)
     logger.debug("celery-dlock: %s runs under lock (%s)", task_class.name, config.key.describe())
     return attributes
-
-
-def _locked_run(task_class: type, config: TaskLockConfig, signature: inspect.Signature) -> Callable[..., Any]:
-    raw = inspect.getattr_static(task_class, "run")
-    is_static = isinstance(raw, staticmethod)
-    function = raw.__func__ if is_static else raw
-
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if is_static:
-            body = functools.partial(function, *args, **kwargs)
-        else:
-            body = functools.partial(function, self, *args, **kwargs)
-        return run_locked(self, config, args, kwargs, body)
-
-    functools.update_wrapper(run, function)
-    # inspect.signature(task.run) must keep showing the call's parameters (Celery's
-    # retry() reads it): declare them, after the ``self`` a bound method drops.
-    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[self_parameter, *signature.parameters.values()]
-    )
-    return run
 
 
 def _publishing_apply_async(config: TaskLockConfig, original: Callable[..., Any]) -> Callable[..., Any]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -168,6 +169,42 @@ def run_locked(
     finally:
         active.body_ended_at = time.time()
         _current_lock.reset(token)
+
+
+def locked_run(task_class: type, config: TaskLockConfig, signature: inspect.Signature) -> Callable[..., Any]:
+    """``task_class.run``, wrapped to run under the call's lock (:func:`run_locked`).
+
+    The lock goes around ``run``, not ``__call__``: Celery's tracer calls ``run``
+    directly when a task class has no ``__call__`` of its own (a request push and pop
+    less per task), and ``Task.__call__`` (a direct call) ends in ``run`` too. A
+    ``run`` that is already locked (inherited from a locked parent class, or bound
+    again) is unwrapped first, so a run is locked once, with this class's options.
+    """
+    raw = inspect.getattr_static(task_class, "run")
+    raw = getattr(raw, UNLOCKED_RUN, raw)
+    is_static = isinstance(raw, staticmethod)
+    function = raw.__func__ if is_static else raw
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if is_static:
+            body = functools.partial(function, *args, **kwargs)
+        else:
+            body = functools.partial(function, self, *args, **kwargs)
+        return run_locked(self, config, args, kwargs, body)
+
+    functools.update_wrapper(run, function)
+    setattr(run, UNLOCKED_RUN, raw)
+    # inspect.signature(task.run) must keep showing the call's parameters (Celery's
+    # retry() reads it): declare them, after the ``self`` a bound method drops.
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_parameter, *signature.parameters.values()]
+    )
+    return run
+
+
+#: On a locked ``run``: the class attribute it wraps (a function, or a staticmethod).
+UNLOCKED_RUN = "__dlock_unlocked_run__"
 
 
 class Acquisition:

@@ -15,7 +15,6 @@ frees the lock of a killed pool process in :mod:`celery_dlock.celery.request`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +25,7 @@ from celery_dlock.celery import dedup
 from celery_dlock.celery.config import check_lock_store
 from celery_dlock.celery.keyrequest import name_for_publish
 from celery_dlock.celery.request import locked_request_class
-from celery_dlock.celery.runner import current_lock, run_locked
+from celery_dlock.celery.runner import current_lock, locked_run
 from celery_dlock.celery.settings import (
     OPTION_NAMES,
     TaskLockConfig,
@@ -79,9 +78,11 @@ class LockedTask(Task):  # type: ignore[misc]
             given = {name: getattr(cls, name) for name in OPTION_NAMES}
             given_on_class = lambda name: getattr(cls, name, None) is not None  # noqa: E731
             check_not_renamed(given_on_class, f"an option of task {cls.name!r}")
+            signature = run_signature(cls)
             cls._dlock_config = build_config(
-                given, app.conf, cls.name, run_signature(cls), default_retry_delay=cls.default_retry_delay
+                given, app.conf, cls.name, signature, default_retry_delay=cls.default_retry_delay
             )
+            cls.run = locked_run(cls, cls._dlock_config, signature)
             # A subclass may bring its own Request class: keep it, with our release added.
             request_class = symbol_by_name(cls.Request)
             if not getattr(request_class, "releases_abandoned_locks", False):
@@ -99,10 +100,6 @@ class LockedTask(Task):  # type: ignore[misc]
             config = type(self)._dlock_config
             assert config is not None
         return config
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        body = functools.partial(super().__call__, *args, **kwargs)
-        return run_locked(self, self._lock_config(), args, kwargs, body)
 
     def apply_async(
         self,

@@ -241,3 +241,37 @@ def test_a_locked_body_calling_its_task_again(app: Celery) -> None:
     assert same is outer  # the very same lock object
     assert other is not outer and other.key == "k:a-other"
     assert not exists(app, recursive, "a", 0)
+
+
+def test_the_lock_goes_around_run_so_the_tracer_calls_run_directly(app: Celery) -> None:
+    """No __call__ of LockedTask's own: Celery's tracer skips Task.__call__ (a request push
+    and pop per task), and a direct call still ends in the locked run."""
+    from celery.app.trace import task_has_custom
+
+    job = locked(app, lock_key=["order_id"])
+    assert not task_has_custom(job, "__call__")
+    assert job(7)["held"] is True
+    assert job.apply(args=(8,)).get()["held"] is True
+
+
+def test_a_locked_class_inheriting_a_locked_run_is_locked_once_with_its_own_options(app: Celery) -> None:
+    class Parent(LockedTask):  # type: ignore[misc]
+        name = f"inprocess.parent{next(_names)}"
+        lock_timeout = 11
+
+        def run(self, order_id: int) -> float:
+            lock = current_lock()
+            assert lock is not None and lock.is_locked_by_me()
+            return lock.options.timeout
+
+    class Child(Parent):
+        name = f"inprocess.child{next(_names)}"
+        lock_timeout = 22
+
+    parent, child = app.register_task(Parent()), app.register_task(Child())
+    assert parent(1) == 11
+    assert child(1) == 22
+    # The child's run wraps the parent's own body, not the parent's locked run.
+    from celery_dlock.celery.runner import UNLOCKED_RUN
+
+    assert getattr(type(child).run, UNLOCKED_RUN) is getattr(type(parent).run, UNLOCKED_RUN)

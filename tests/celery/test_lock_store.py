@@ -177,3 +177,27 @@ def test_workers_and_publishers_use_a_cluster_or_sentinel_store(
         else:
             where = redis.Redis(port=own_redis.port)  # the master the Sentinel names
         assert int(where.get(fence_key)) == results[1]["fence"]
+
+
+class SettingsModule:
+    dlock_redis_url = "redis://127.0.0.1:1/0"
+
+
+def test_a_setting_changed_after_first_use_chooses_the_store_from_then_on(
+    own_redis: RedisServer, redis_url: str
+) -> None:
+    """The client is remembered per app, never past a change of the settings that chose it."""
+    app = Celery(f"changed-{uuid.uuid4().hex}", broker="memory://")
+    app.config_from_object(SettingsModule)
+    first = redis_client_for_app(app)
+    assert first.connection_pool.connection_kwargs["port"] == 1
+    assert redis_client_for_app(app) is first
+    app.conf.dlock_redis_url = own_redis.url
+    second = redis_client_for_app(app)
+    assert second.connection_pool.connection_kwargs["port"] == own_redis.port
+    assert redis_client_for_app(app) is second
+    app.conf.dlock_redis_url = "memcached://nope"
+    with pytest.raises(ValueError, match="dlock_redis_url"):
+        redis_client_for_app(app)
+    del app.conf["dlock_redis_url"]  # the config module's value again
+    assert redis_client_for_app(app) is first
