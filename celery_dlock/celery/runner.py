@@ -4,7 +4,9 @@ Order of events for one run in a worker:
 
 1. Just before the body, in the process that runs it, the lock is taken
    (:meth:`Acquisition.acquire`). If another run holds it, the contention
-   policy decides: skip, re-queue (retry), wait, or fail.
+   policy decides: skip, re-queue (retry), wait, or fail. Every such decision is
+   made by the table in :mod:`celery_dlock.celery.contention`; this module carries
+   it out.
 2. The body runs; the core watchdog renews the lease every ``lock_timeout/3``.
 3. After the body, in *every* outcome (success, exception, ``self.retry()``,
    ``Ignore``, ``Reject``), the lock is released from Celery's ``task_postrun``
@@ -45,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
 from celery import states
@@ -58,9 +60,10 @@ from redis.exceptions import RedisError
 from celery_dlock.celery import dedup
 from celery_dlock.celery.coalesce import RunNote, call_identity, name_digest, requested_at
 from celery_dlock.celery.config import redis_client_for_app
+from celery_dlock.celery.contention import Decision, Outcome, Situation, decide
 from celery_dlock.celery.errors import RunSkipped, TaskSkipped
 from celery_dlock.celery.keyrequest import NAME_HEADER, message_header, name_for_run
-from celery_dlock.celery.policies import Policy, Retry, Skip, Wait
+from celery_dlock.celery.policies import Retry, Skip
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
 from celery_dlock.celery.tasklock import Owner, TaskLock
@@ -241,45 +244,104 @@ class Acquisition:
             self.call = call_identity(task.name, args, kwargs)
         self.requested_at = requested_at(request) if self.call and not self.in_process else None
         self.redelivered = not self.in_process and is_redelivery(request)
+        #: What the latest attempt found: who holds the lock, or why Redis could not be asked.
+        self.holder: Owner | None = None
+        self.cause: LockError | None = None
 
     @functools.cached_property
     def keys(self) -> LockKeys:
         """The keys of the lock (only some outcomes need them; the lock object has its own)."""
         return LockKeys.for_name(self.name, self.config.prefix)
 
-    # -- the decision ---------------------------------------------------------------
+    # -- the decision: contention.decide, carried out ----------------------------------
 
     def acquire(self) -> TaskLock | None:
-        try:
-            lock = self._attempt(None)
-            if lock is not None:
-                if self.redelivered:
-                    self._drop_if_ended(lock)
-                self._skip_if_covered(lock)
-                return self._acquired(lock)
-            holder = self._holder()
-            if holder is not None and holder.task_id == self.task_id and not self.in_process:
-                return self._wait_for_earlier_delivery()
-            return self._contended(self.config.policy, holder)
-        except _BackendDown as down:
-            return self._backend_down(down.error)
+        """The lock, or None to run unlocked; or the run ends here (a raised outcome).
 
-    def _contended(self, policy: Policy, holder: Owner | None) -> TaskLock:
-        if isinstance(policy, Wait):
-            self._announce(holder, "wait", f"waiting up to {policy.timeout:g}s")
-            lock = self._attempt(policy.timeout) if policy.timeout else None
+        Attempts, and carries out what :func:`~celery_dlock.celery.contention.decide`
+        makes of each attempt's :class:`~celery_dlock.celery.contention.Situation`.
+        """
+        lock_retries_made = 0 if self.in_process else lock_retries(self.request)
+        lock, situation = self._try(Situation(in_process=self.in_process, lock_retries=lock_retries_made))
+        policy = self.config.policy
+        while True:
+            decision = decide(policy, situation, self.config.on_redis_error, self.config.redelivery_wait)
+            outcome = decision.outcome
+            if outcome is Outcome.RUN:
+                assert lock is not None
+                return self._run(lock, situation)
+            if outcome is Outcome.RUN_UNLOCKED:
+                logger.warning(
+                    "%s[%s] runs WITHOUT its lock %r: %s (lock_on_redis_error='run')",
+                    self.task.name,
+                    self.task_id,
+                    self.name,
+                    self.cause,
+                )
+                return None
+            if outcome in (Outcome.WAIT, Outcome.WAIT_OWN, Outcome.RETRY_HERE):
+                self._announce_wait(decision, situation)
+                lock, situation = self._try(situation, decision)
+                continue
+            if outcome is Outcome.REQUEUE_OWN:
+                self._requeue_behind_earlier_delivery()
+            if outcome is Outcome.RETRY:
+                self._requeue(decision, situation.lock_retries)
+            if outcome is Outcome.SKIP:
+                self._skip(self.holder, cause=self.cause)
+            self._fail(self.holder, cause=self.cause, retries=decision.gave_up_after)
+
+    def _try(self, situation: Situation, after: Decision | None = None) -> tuple[TaskLock | None, Situation]:
+        """An attempt (after a waiting decision: for up to its wait; none if that is 0),
+        and what it found: the lock, or who holds it, or that Redis is down."""
+        found: dict[str, bool] = {}
+        lock = None
+        try:
+            if after is None or after.wait:
+                lock = self._attempt(after.wait if after else None)
             if lock is not None:
-                return self._acquired(lock)
-            holder = self._holder()
-            assert policy.then is not None and not isinstance(policy.then, (str, Wait))
-            policy = policy.then
-        if isinstance(policy, Retry):
-            if self.in_process:
-                return self._retry_here(policy, holder)
-            self._requeue(policy, holder)
-        if isinstance(policy, Skip):
-            self._skip(holder)
-        self._fail(holder)
+                found["acquired"] = True
+            else:
+                self.holder = self._holder()
+                own = self.holder is not None and self.holder.task_id == self.task_id
+                found["held_by_own_delivery"] = own and not self.in_process
+        except _BackendDown as down:
+            self.holder, self.cause = None, down.error
+            found["redis_down"] = True
+            if self.config.on_redis_error != "run":
+                logger.warning(
+                    "%s[%s]: cannot take lock %r (%s); treating it as held "
+                    "(lock_on_redis_error='contention')",
+                    self.task.name,
+                    self.task_id,
+                    self.name,
+                    down.error,
+                )
+        if after is None:
+            return lock, replace(situation, **found)
+        return lock, situation.after(after, **found)
+
+    def _run(self, lock: TaskLock, situation: Situation) -> TaskLock:
+        """The lock is ours: unless this delivery must not run after all, the run starts."""
+        if self.redelivered or situation.waited_for_own:
+            self._drop_if_ended(lock)
+        self._skip_if_covered(lock)
+        return self._acquired(lock)
+
+    def _announce_wait(self, decision: Decision, situation: Situation) -> None:
+        if decision.outcome is Outcome.WAIT:
+            self._announce(self.holder, "wait", f"waiting up to {decision.wait:g}s")
+        elif decision.outcome is Outcome.WAIT_OWN:
+            self._announce(
+                Owner(self.task_id, "", 0),
+                "wait-own",
+                "an earlier delivery of this same task id holds the lock; waiting up to "
+                f"{decision.wait:g}s for it to end",
+            )
+        elif situation.lock_retries == 0:  # RETRY_HERE: said once, at the first wait
+            assert isinstance(decision.policy, Retry)
+            retries = decision.policy.max_retries
+            self._announce(self.holder, "retry", f"waiting in-process for up to {retries} lock retries")
 
     def _skip_if_covered(self, lock: TaskLock) -> None:
         """Skip this call if it was requested before the last successful run of its key ended."""
@@ -307,22 +369,6 @@ class Acquisition:
             reason=f"covered by task {note.task_id}, which was queued or running when this call was "
             f"requested and succeeded {note.finished_at - self.requested_at:.3f}s after that",
         )
-
-    def _wait_for_earlier_delivery(self) -> TaskLock:
-        wait = self.config.redelivery_wait
-        self._announce(
-            Owner(self.task_id, "", 0),
-            "wait-own",
-            f"an earlier delivery of this same task id holds the lock; waiting up to {wait:g}s for it to end",
-        )
-        lock = self._attempt(wait) if wait else None
-        if lock is None:
-            holder = self._holder()
-            if holder is None or holder.task_id != self.task_id:
-                return self._contended(self.config.policy, holder)
-            self._requeue_behind_earlier_delivery()
-        self._drop_if_ended(lock)
-        return self._acquired(lock)
 
     def _drop_if_ended(self, lock: TaskLock) -> None:
         """Drop this delivery (releasing ``lock``) if an earlier delivery of its task id already ended."""
@@ -361,33 +407,6 @@ class Acquisition:
             "if that one has not ended by then",
         )
         raise Ignore()
-
-    def _backend_down(self, error: LockError) -> TaskLock | None:
-        if self.config.on_redis_error == "run":
-            logger.warning(
-                "%s[%s] runs WITHOUT its lock %r: %s (lock_on_redis_error='run')",
-                self.task.name,
-                self.task_id,
-                self.name,
-                error,
-            )
-            return None
-        logger.warning(
-            "%s[%s]: cannot take lock %r (%s); treating it as held (lock_on_redis_error='contention')",
-            self.task.name,
-            self.task_id,
-            self.name,
-            error,
-        )
-        policy: Policy = self.config.policy
-        if isinstance(policy, Wait):
-            assert policy.then is not None and not isinstance(policy.then, (str, Wait))
-            policy = policy.then  # waiting for a release from a server we cannot reach is pointless
-        if isinstance(policy, Retry) and not self.in_process:
-            self._requeue(policy, None, cause=error)
-        if isinstance(policy, Skip):
-            self._skip(None, cause=error)
-        self._fail(None, cause=error)
 
     # -- outcomes -------------------------------------------------------------------------
 
@@ -457,12 +476,11 @@ class Acquisition:
             self._drop_marker()
         raise LockNotAcquired(f"{self.task.name}[{self.task_id}]: {reason}") from cause
 
-    def _requeue(self, policy: Retry, holder: Owner | None, cause: LockError | None = None) -> NoReturn:
-        attempt = lock_retries(self.request)
-        assert policy.max_retries is not None
-        if attempt >= policy.max_retries:
-            self._fail(holder, cause, retries=attempt)
-        countdown = policy.countdown_for(attempt)
+    def _requeue(self, decision: Decision, attempt: int) -> NoReturn:
+        """A lock retry: publish this message again with the decided countdown, and end this run."""
+        policy = decision.policy
+        assert isinstance(policy, Retry) and policy.max_retries is not None
+        countdown = decision.wait
         headers = self._requeue_headers()
         headers[LOCK_RETRIES_HEADER] = attempt + 1
         signature = self.task.signature_from_request(
@@ -470,6 +488,7 @@ class Acquisition:
         )
         if self.config.dedup_on_publish:
             dedup.remark_queued(self.client, self.keys, self.task_id, self.config.dedup_timeout + countdown)
+        holder, cause = self.holder, self.cause
         who = f"task {holder.task_id}" if holder else "another owner"
         reason = f"Redis unreachable: {cause}" if cause else f"lock {self.name!r} is held by {who}"
         with dedup.publishing_internally():
@@ -478,16 +497,6 @@ class Acquisition:
         self._announce(holder, "retry", f"{reason}; {progress} in {countdown:.2f}s")
         exc = LockNotAcquired(f"{self.task.name}[{self.task_id}]: {reason}")
         raise CeleryRetry(progress, exc=exc, when=countdown)
-
-    def _retry_here(self, policy: Retry, holder: Owner | None) -> TaskLock:
-        """Retry policy for in-process calls: wait in the caller along the backoff schedule."""
-        assert policy.max_retries is not None
-        self._announce(holder, "retry", f"waiting in-process for up to {policy.max_retries} lock retries")
-        for attempt in range(policy.max_retries):
-            lock = self._attempt(policy.countdown_for(attempt))
-            if lock is not None:
-                return self._acquired(lock)
-        self._fail(self._holder(), retries=policy.max_retries)
 
     # -- I/O helpers -----------------------------------------------------------------------
 
