@@ -67,7 +67,8 @@ from typing import Any
 import redis
 from redis.exceptions import DataError
 
-from celery_dlock.deadline import DeadlineExceeded, call_before
+from celery_dlock.deadline import call_before
+from celery_dlock.errors import DeadlineExceeded
 
 logger = logging.getLogger("celery_dlock")
 

@@ -1,4 +1,6 @@
-"""Building a default Redis client from the environment, and naming a client's server in errors."""
+"""Building a default Redis client from the environment, and naming a client's server in errors.
+
+Shared by the sync and asyncio drivers; no I/O."""
 
 from __future__ import annotations
 
@@ -7,6 +9,12 @@ import os
 import weakref
 from typing import Any
 from urllib.parse import quote
+
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from celery_dlock.errors import LockBackendUnavailable, LockError
 
 logger = logging.getLogger("celery_dlock")
 
@@ -154,3 +162,15 @@ def reject_foreign_client(client: object) -> None:
             f"redis must be a redis-py client; valkey-py clients are not supported (got {client!r}). "
             "redis-py's clients work with Valkey servers: redis.Redis.from_url('redis://<valkey host>')"
         )
+
+
+def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
+    """Turn a redis-py error into ours, naming the server and what we were doing."""
+    where = describe_server(client)
+    if isinstance(exc, AuthenticationError):
+        return LockError(f"cannot {action} lock {name!r}: Redis at {where} refused the credentials ({exc})")
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return LockBackendUnavailable(
+            f"cannot {action} lock {name!r}: Redis at {where} is unreachable ({exc})"
+        )
+    return LockError(f"cannot {action} lock {name!r}: Redis at {where} answered {exc}")

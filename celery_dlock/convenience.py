@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 
 from celery_dlock.connection import check_redis_url, client_options, redis_url_from_env
 from celery_dlock.lock import DistributedLock
-from celery_dlock.naming import NameTemplate, default_name
+from celery_dlock.naming import lock_name_for
 from celery_dlock.options import LockOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,18 +49,6 @@ def distributed_lock(lock_name: str, redis: Any = None, **options: Any) -> Itera
     lock = DistributedLock(redis if redis is not None else default_redis(), lock_name, **options)
     with lock:
         yield lock
-
-
-def lock_name_for(
-    func: Callable[..., Any], name: str | None
-) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
-    if name is None:
-        fixed = default_name(func)
-        return lambda args, kwargs: fixed
-    template = NameTemplate(name, func)
-    if template.is_static:
-        return lambda args, kwargs: name
-    return template.format
 
 
 @overload

@@ -18,16 +18,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from celery_dlock.errors import DeadlineExceeded
+
+__all__ = ["DeadlineExceeded", "call_before"]
 
 logger = logging.getLogger("celery_dlock")
 
 T = TypeVar("T")
-
-
-class DeadlineExceeded(RedisTimeoutError):
-    """A lock operation got no answer before its deadline (a redis-py TimeoutError, so
-    callers treat it as an unreachable server)."""
 
 
 #: How long an idle helper thread waits for its next call before it ends.

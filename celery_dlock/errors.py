@@ -8,6 +8,8 @@ snippet (``except RuntimeError``) keeps working.
 
 from __future__ import annotations
 
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 
 class LockError(Exception):
     """Base class of every error raised by celery-dlock."""
@@ -26,3 +28,9 @@ class LockBackendUnavailable(LockError):
 
     The message names the server, so an operator knows where to look.
     """
+
+
+class DeadlineExceeded(RedisTimeoutError):
+    """A lock operation got no answer before its deadline (a redis-py TimeoutError, so
+    callers treat it as an unreachable server; the lock's methods raise
+    :class:`LockBackendUnavailable` for it)."""

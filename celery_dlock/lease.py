@@ -62,6 +62,12 @@ def _count_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_count_fork_in_child)
 
 
+def process_generation() -> int:
+    """Changes in a forked child, so a lock can cache per-process things (its notifier and
+    inbox) safely."""
+    return _forks
+
+
 def new_token() -> str:
     """A fresh owner token: 128 random bits from the OS, hex-encoded."""
     return os.urandom(TOKEN_BYTES).hex()

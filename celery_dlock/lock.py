@@ -15,19 +15,17 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, RedisError
 
 from celery_dlock.channel import script_channel
 from celery_dlock.connection import (
-    describe_server,
+    backend_error,
     first_sight,
     reject_foreign_client,
     report_eviction_policy,
 )
-from celery_dlock.deadline import DeadlineExceeded, call_before
-from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
+from celery_dlock.deadline import call_before
+from celery_dlock.errors import DeadlineExceeded, LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
@@ -38,8 +36,9 @@ from celery_dlock.lease import (
     LockCore,
     check_extension,
     is_acquisition,
+    process_generation,
 )
-from celery_dlock.notify import ReleaseNotifier, notifier_for, process_generation
+from celery_dlock.notify import ReleaseNotifier, notifier_for
 from celery_dlock.options import LockOptions, check_bool
 from celery_dlock.scripts import EXTEND, IS_OWNER, JOIN, RELEASE, TRY, WAIT, BoundScript, Script
 from celery_dlock.watchdog import get_watchdog
@@ -105,18 +104,6 @@ def _executor(
         return call_before(limit, lambda: client.execute_command(*command), on_late)
 
     return execute_before_deadline
-
-
-def backend_error(client: Any, action: str, name: str, exc: BaseException) -> LockError:
-    """Turn a redis-py error into ours, naming the server and what we were doing."""
-    where = describe_server(client)
-    if isinstance(exc, AuthenticationError):
-        return LockError(f"cannot {action} lock {name!r}: Redis at {where} refused the credentials ({exc})")
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
-        return LockBackendUnavailable(
-            f"cannot {action} lock {name!r}: Redis at {where} is unreachable ({exc})"
-        )
-    return LockError(f"cannot {action} lock {name!r}: Redis at {where} answered {exc}")
 
 
 def release_by_token_suffix(client: Any, keys: LockKeys, suffix: str) -> bool:

@@ -76,3 +76,17 @@ class NameTemplate:
                 f"arguments {sorted(values)}: {exc!r}"
             ) from None
         return check_name(name, parameter=f"lock name formatted from {self.template!r}")
+
+
+def lock_name_for(
+    func: Callable[..., Any], name: str | None
+) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+    """How the decorators name the lock of a call to ``func``: ``name`` (fixed, or a
+    template over its arguments), or the function's own dotted name."""
+    if name is None:
+        fixed = default_name(func)
+        return lambda args, kwargs: fixed
+    template = NameTemplate(name, func)
+    if template.is_static:
+        return lambda args, kwargs: name
+    return template.format

@@ -128,7 +128,6 @@ class ReleaseNotifier:
 
 _notifiers: dict[tuple[Any, ...], ReleaseNotifier] = {}
 _notifiers_lock = threading.Lock()
-_forks = 0  # how many times this process image was forked into a child (in that child)
 
 
 def notifier_for(client: Any) -> ReleaseNotifier:
@@ -141,15 +140,9 @@ def notifier_for(client: Any) -> ReleaseNotifier:
         return notifier
 
 
-def process_generation() -> int:
-    """Changes in a forked child, so a lock can cache its notifier and inbox safely."""
-    return _forks
-
-
 def _forget_notifiers_in_child() -> None:
     # The parent's reader threads do not exist in a forked child; start afresh.
-    global _notifiers_lock, _forks
-    _forks += 1
+    global _notifiers_lock
     _notifiers.clear()
     _notifiers_lock = threading.Lock()
 

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar, overload
 
 from celery_dlock.connection import check_redis_url, client_options, redis_url_from_env
-from celery_dlock.convenience import lock_name_for
+from celery_dlock.naming import lock_name_for
 from celery_dlock.options import LockOptions
 
 from .lock import DistributedLock

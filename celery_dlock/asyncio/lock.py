@@ -20,9 +20,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from celery_dlock.connection import first_sight, reject_foreign_client, report_eviction_policy
-from celery_dlock.deadline import DeadlineExceeded
-from celery_dlock.errors import LockBackendUnavailable, LockError, LockNotAcquired
+from celery_dlock.connection import backend_error, first_sight, reject_foreign_client, report_eviction_policy
+from celery_dlock.errors import DeadlineExceeded, LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
@@ -32,9 +31,8 @@ from celery_dlock.lease import (
     AttemptPlan,
     LockCore,
     check_extension,
+    process_generation,
 )
-from celery_dlock.lock import backend_error
-from celery_dlock.notify import process_generation
 from celery_dlock.options import LockOptions, check_bool
 from celery_dlock.scripts import EXTEND, IS_OWNER, JOIN, TRY, WAIT, BoundScript, Script
 

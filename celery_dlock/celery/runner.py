@@ -67,9 +67,10 @@ from celery_dlock.celery.policies import Retry, Skip
 from celery_dlock.celery.settings import TaskLockConfig
 from celery_dlock.celery.signals import lock_acquired, lock_contended, lock_lost, lock_released
 from celery_dlock.celery.tasklock import Owner, TaskLock
+from celery_dlock.connection import backend_error
 from celery_dlock.errors import LockError, LockNotAcquired
 from celery_dlock.keys import LockKeys
-from celery_dlock.lock import DistributedLock, backend_error
+from celery_dlock.lock import DistributedLock
 
 logger = logging.getLogger("celery_dlock.celery")
 
