@@ -199,6 +199,9 @@ class LockCore:
     objects can never release each other's lock.
     """
 
+    #: The driver's redis-py client (sync or asyncio); the protocol only names its server.
+    redis: Any
+
     def __init__(self, options: LockOptions) -> None:
         self.options = options
         self.keys = LockKeys.for_name(options.name, options.prefix)
@@ -227,6 +230,8 @@ class LockCore:
         # stop its renewal first.
         self._watched = self.options.auto_renewal or self.options.on_lost is not None
         self._tracked = False
+        # The token a failed acquisition was last cleaned up after (protocol.abandon runs once).
+        self._cleaned_up: str | None = None
 
     # -- public, cheap, no round trip ---------------------------------------------
 

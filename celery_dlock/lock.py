@@ -13,37 +13,33 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
+from celery_dlock import protocol
 from celery_dlock.channel import script_channel
 from celery_dlock.connection import (
-    backend_error,
     first_sight,
     reject_foreign_client,
     report_eviction_policy,
 )
 from celery_dlock.deadline import call_before
-from celery_dlock.errors import DeadlineExceeded, LockBackendUnavailable, LockError, LockNotAcquired
+from celery_dlock.errors import LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
 from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.lease import (
-    CLEANUP_GRACE,
-    RENEWAL_DRAIN_WAIT,
-    AcquireReply,
-    AttemptPlan,
     LockCore,
-    check_extension,
-    is_acquisition,
     process_generation,
 )
 from celery_dlock.notify import ReleaseNotifier, notifier_for
-from celery_dlock.options import LockOptions, check_bool
-from celery_dlock.scripts import EXTEND, IS_OWNER, JOIN, RELEASE, TRY, WAIT, BoundScript, Script
+from celery_dlock.options import LockOptions
+from celery_dlock.scripts import RELEASE, BoundScript, Script
 from celery_dlock.watchdog import get_watchdog
 
 logger = logging.getLogger("celery_dlock")
+
+T = TypeVar("T")
 
 
 def run_script(
@@ -156,6 +152,27 @@ def check_sync_client(client: object) -> Any:
 _SYNC_CLIENT_TYPES: set[type] = set()
 
 
+class _Waiting:
+    """A sync operation's listening for hand-overs to its token (protocol's Watch and Sleep)."""
+
+    def __init__(self) -> None:
+        self._watch: Any = None
+        self._waiter: Any = None
+
+    def watch(self, notifier: ReleaseNotifier, inbox: Inbox[threading.Event], token: str) -> None:
+        self._watch = notifier.watch(inbox, token)
+        self._waiter = self._watch.__enter__()
+
+    def sleep(self, seconds: float) -> None:
+        self._waiter.wake.wait(seconds)
+        self._waiter.wake.clear()
+
+    def close(self) -> None:
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            watch.__exit__(None, None, None)
+
+
 class DistributedLock(LockCore):
     """A Redis lease lock with an owner token, fencing token and optional auto-renewal.
 
@@ -197,9 +214,8 @@ class DistributedLock(LockCore):
         self.redis = check_sync_client(redis)
         self._bind_scripts(self.redis)
         self._inbox_cache: tuple[int, ReleaseNotifier, Inbox[threading.Event]] | None = None
-        self._cleaned_up: str | None = None  # the token _abandon last cleaned up after
 
-    # -- acquire -------------------------------------------------------------------
+    # -- the operations: celery_dlock.protocol, performed here ---------------------
 
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock; True on success.
@@ -210,126 +226,7 @@ class DistributedLock(LockCore):
         ``retry_delay`` passes, and tries again; see
         :class:`celery_dlock.lease.AttemptPlan` for how many attempts are made.
         """
-        check_bool("blocking", blocking)
-        token = self._start_attempt()
-        plan = AttemptPlan(self.options, blocking, time.monotonic())
-        if first_sight(self.redis):
-            check_server(self.redis, plan.attempt_deadline(time.monotonic()))
-        if not blocking or self._blocking_mode == TRY:
-            reply = self._attempt(token, TRY, None, plan)
-            return reply.acquired or reply.give_up()
-        notifier, inbox = self._inbox()
-        live = inbox.live_generation  # was a handover to us sure to be delivered?
-        member = inbox.member(token)
-        reply = self._attempt(token, JOIN, member, plan)
-        if reply.acquired:
-            return True
-        try:
-            if not plan.may_retry(time.monotonic()):
-                return self._give_up(token, member, reply)
-            with notifier.watch(inbox, token) as waiter:
-                if live is None or inbox.live_generation != live:
-                    # Queued before this process's inbox was (still) subscribed: a
-                    # handover may already have happened unheard.
-                    reply = self._attempt(token, WAIT, member, plan)
-                while not reply.acquired:
-                    wait = plan.next_wait(reply, time.monotonic())
-                    if wait is None:
-                        return self._give_up(token, member, reply)
-                    # Woken by a release that handed the lock to us, by a lost inbox
-                    # connection, or by the timer: the next attempt finds out which. It
-                    # confirms a hand-over (whose lease is short) with the full lease.
-                    waiter.wake.wait(wait)
-                    waiter.wake.clear()
-                    reply = self._attempt(token, WAIT, member, plan)
-        except BaseException:
-            if self._token != token:  # interrupted while waiting: leave the queue
-                self._abandon(token, member)  # (and free the lock if it was just handed to us)
-            raise
-        return True
-
-    def _inbox(self) -> tuple[ReleaseNotifier, Inbox[threading.Event]]:
-        """This process's notifier and inbox for this lock, cached (a forked child finds its own)."""
-        generation = process_generation()
-        cached = self._inbox_cache
-        if cached is None or cached[0] != generation:
-            notifier = notifier_for(self.redis)
-            cached = self._inbox_cache = (generation, notifier, notifier.inbox(self.options.prefix))
-        return cached[1], cached[2]
-
-    def _give_up(self, token: str, member: bytes, reply: AcquireReply) -> bool:
-        # Leave the queue, so no release hands the lock to us, and free the lock if
-        # one just did.
-        self._abandon(token, member)
-        return reply.give_up()
-
-    def _leave_queue(self, member: bytes, deadline: float) -> None:
-        try:
-            run_command(self.redis, "ZREM", self.keys.waiters, member, deadline=deadline)
-        except RedisError as exc:
-            logger.debug("leaving the waiters queue of %r failed: %r", self.name, exc)
-
-    def _attempt(self, token: str, mode: bytes, member: bytes | None, plan: AttemptPlan) -> AcquireReply:
-        """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY)."""
-        sent_at = time.monotonic()
-        deadline = plan.attempt_deadline(sent_at)
-        late = self._free_if_acquired(token)
-        try:
-            queue = () if member is None else (member,)
-            raw = run_bound(
-                self.redis,
-                self._acquire_script,
-                *(token, self._lease_arg, mode, *queue),
-                deadline=deadline,
-                on_late=late,
-            )
-            self._cleaned_up = None  # it may have queued us (again)
-            reply = self._take_reply(raw, token, sent_at)
-            if reply.acquired and self._watched:
-                self._tracked = True
-                get_watchdog().track(self)
-            return reply
-        except BaseException as exc:
-            # The script may have run even though we never saw its reply (timeout,
-            # interrupt): never leave a lock behind that nobody owns.
-            self._abandon(token, member)
-            if not isinstance(exc, RedisError):
-                raise
-            error = backend_error(self.redis, "acquire", self.name, exc)
-            if isinstance(exc, DeadlineExceeded) or not isinstance(error, LockBackendUnavailable):
-                # (No reply in time: its late reply could still take the lock for this
-                # token, so this acquire ends here; see AttemptPlan.attempt_deadline.)
-                raise error from exc
-            error.__cause__ = exc
-            return AcquireReply(acquired=False, error=error)
-
-    def _free_if_acquired(self, token: str) -> Callable[[Any], object]:
-        """What to do with an attempt's reply that came after its deadline: free the lock it took."""
-
-        def free(reply: Any) -> None:
-            if is_acquisition(reply):
-                run_bound(self.redis, self._release_script, token)
-
-        return free
-
-    def _abandon(self, token: str, member: bytes | None) -> None:
-        """Best effort, within CLEANUP_GRACE: leave the queue, free the lock if ours
-        (once: a failed attempt's clean-up is not repeated when the acquire then ends)."""
-        if self._cleaned_up == token:
-            return
-        self._cleaned_up = token
-        deadline = time.monotonic() + CLEANUP_GRACE
-        get_watchdog().untrack(self, wait=0)
-        if member is not None:
-            self._leave_queue(member, deadline)
-        try:
-            run_bound(self.redis, self._release_script, token, deadline=deadline)
-        except Exception as exc:
-            logger.debug("cleanup of lock %r after a failed acquire failed: %r", self.name, exc)
-        if self._token == token:
-            self._forget()
-
-    # -- release -------------------------------------------------------------------
+        return self._run(protocol.acquire(self, blocking))
 
     def release(self, note: str | None = None) -> bool:
         """Release the lock if this object holds it; False (never a delete) otherwise.
@@ -342,21 +239,7 @@ class DistributedLock(LockCore):
         reads it as :attr:`note`; written in the same atomic step as the release,
         and only if the lock was still ours. Without a note, the last one stays.
         """
-        token = self._held_token()
-        if token is None:
-            return False
-        started = time.monotonic()
-        args = self._release_args(token, note)
-        if self._tracked:
-            get_watchdog().untrack(self, wait=min(self.options.timeout, RENEWAL_DRAIN_WAIT))
-        deadline = max(self.operation_deadline(started), time.monotonic() + CLEANUP_GRACE)
-        try:
-            reply = run_bound(self.redis, self._release_script, *args, deadline=deadline)
-        except RedisError as exc:
-            raise backend_error(self.redis, "release", self.name, exc) from exc
-        return self._finish_release(token, reply)
-
-    # -- extend and queries ------------------------------------------------------
+        return self._run(protocol.release(self, note))
 
     def extend(self, additional_time: float, replace: bool = False) -> bool:
         """Add ``additional_time`` seconds to the remaining lease (``replace=True``: set it).
@@ -364,55 +247,93 @@ class DistributedLock(LockCore):
         Returns False, and marks the lock lost, if it is no longer ours. The result
         never exceeds ``max_lease`` when one was given.
         """
-        lease_ms = check_extension(additional_time, replace)
-        token = self._held_token()
-        if token is None or self._lost:
-            return False
-        sent_at = time.monotonic()
-        try:
-            args = self._extend_args(token, lease_ms, replace)
-            result = int(
-                run_script(self.redis, EXTEND, [self.keys.lock], args, self.operation_deadline(sent_at))
-            )
-        except RedisError as exc:
-            raise backend_error(self.redis, "extend", self.name, exc) from exc
-        if result < 0:
-            if self._mark_lost("extend found the lock expired or owned by another token"):
-                get_watchdog().untrack(self, wait=0)
-                self._notify_lost()
-            return False
-        self._extended(result, sent_at, time.monotonic())
-        if self._tracked:
-            get_watchdog().retime(self)  # a shorter lease: renew (or report it lost) sooner
-        return True
+        return self._run(protocol.extend(self, additional_time, replace))
 
     def is_locked_by_anyone(self) -> bool:
         """Whether any owner holds this lock name right now (one round trip)."""
-        try:
-            deadline = self.operation_deadline(time.monotonic())
-            return bool(run_command(self.redis, "EXISTS", self.keys.lock, deadline=deadline))
-        except RedisError as exc:
-            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+        return self._run(protocol.is_locked_by_anyone(self))
 
     def read_holder(self) -> str | None:
         """The token of whoever holds this lock name right now, or None (one round trip)."""
-        try:
-            deadline = self.operation_deadline(time.monotonic())
-            value = run_command(self.redis, "GET", self.keys.lock, deadline=deadline)
-        except RedisError as exc:
-            raise backend_error(self.redis, "inspect", self.name, exc) from exc
-        return value.decode() if isinstance(value, bytes) else value
+        return self._run(protocol.read_holder(self))
 
     def is_locked_by_me(self) -> bool:
         """Whether the lock in Redis holds this object's token (one round trip)."""
-        token = self._held_token()
-        if token is None:
-            return False
+        return self._run(protocol.is_locked_by_me(self))
+
+    def _run(self, operation: protocol.Operation[T]) -> T:
+        """Perform ``operation``'s steps on this thread until it returns."""
+        waiting = _Waiting()
         try:
-            deadline = self.operation_deadline(time.monotonic())
-            return bool(run_script(self.redis, IS_OWNER, [self.keys.lock], [token], deadline))
-        except RedisError as exc:
-            raise backend_error(self.redis, "inspect", self.name, exc) from exc
+            value: Any = None
+            error: BaseException | None = None
+            while True:
+                try:
+                    step = operation.send(value) if error is None else operation.throw(error)
+                except StopIteration as done:
+                    result: T = done.value
+                    return result
+                value, error = None, None
+                try:
+                    value = self._perform(step, waiting)
+                except BaseException as exc:
+                    error = exc
+        finally:
+            waiting.close()
+
+    def _perform(self, step: protocol.Step, waiting: _Waiting) -> Any:
+        kind = type(step)
+        if step is protocol.NOW:
+            return time.monotonic()
+        if kind is protocol.Call:
+            assert isinstance(step, protocol.Call)
+            late = step.late
+            on_late = None if late is None else (lambda reply: self._run(late(reply)))
+            return run_bound(self.redis, step.script, *step.args, deadline=step.deadline, on_late=on_late)
+        if kind is protocol.RunScript:
+            assert isinstance(step, protocol.RunScript)
+            return run_script(self.redis, step.script, step.keys, step.args, step.deadline)
+        if kind is protocol.Command:
+            assert isinstance(step, protocol.Command)
+            return run_command(self.redis, *step.command, deadline=step.deadline)
+        if kind is protocol.CheckServer:
+            assert isinstance(step, protocol.CheckServer)
+            if first_sight(self.redis):
+                check_server(self.redis, step.deadline)
+            return None
+        if step is protocol.LISTEN:
+            return self._inbox()[1]
+        if kind is protocol.Watch:
+            assert isinstance(step, protocol.Watch)
+            waiting.watch(self._inbox()[0], step.inbox, step.token)
+            return None
+        if kind is protocol.Sleep:
+            assert isinstance(step, protocol.Sleep)
+            waiting.sleep(step.seconds)
+            return None
+        if step is protocol.TRACK:
+            get_watchdog().track(self)
+            return None
+        if kind is protocol.Untrack:
+            assert isinstance(step, protocol.Untrack)
+            get_watchdog().untrack(self, wait=step.wait)
+            return None
+        if step is protocol.RETIME:
+            get_watchdog().retime(self)
+            return None
+        if kind is protocol.Detach:
+            assert isinstance(step, protocol.Detach)
+            return self._run(step.operation)  # a clean-up: here, before the caller goes on
+        raise TypeError(f"unknown step {step!r}")
+
+    def _inbox(self) -> tuple[ReleaseNotifier, Inbox[threading.Event]]:
+        """This process's notifier and inbox for this lock, cached (a forked child finds its own)."""
+        generation = process_generation()
+        cached = self._inbox_cache
+        if cached is None or cached[0] != generation:
+            notifier = notifier_for(self.redis)
+            cached = self._inbox_cache = (generation, notifier, notifier.inbox(self.options.prefix))
+        return cached[1], cached[2]
 
     # -- context manager -----------------------------------------------------------
 
@@ -425,7 +346,7 @@ class DistributedLock(LockCore):
             # as acquire returned): the with statement never gets the lock, so free it.
             token = self._token
             if token is not None and token != held_before:
-                self._abandon(token, None)
+                self._run(protocol.abandon(self, token, None))
             raise
         if not acquired:
             raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")

@@ -190,4 +190,4 @@ def _renew_by(planned: float, lock: LockCore, now: float) -> float:
 
 
 def _client(lock: LockCore) -> Any:
-    return lock.redis  # type: ignore[attr-defined]
+    return lock.redis

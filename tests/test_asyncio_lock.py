@@ -11,6 +11,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from celery_dlock import protocol
 from celery_dlock.asyncio import (
     DistributedLock,
     LockBackendUnavailable,
@@ -383,13 +384,11 @@ def test_handover_before_the_waiter_registered_is_not_missed(
         holder = DistributedLock(r, name, timeout=30)
         await holder.acquire()
         waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=30)
-        original = DistributedLock._attempt
+        original = DistributedLock._perform
 
-        async def attempt_then_release(
-            self: DistributedLock, token: str, mode: bytes, member: bytes | None, *plan: Any
-        ) -> Any:
-            reply = await original(self, token, mode, member, *plan)
-            if self is waiter and mode == JOIN:
+        async def attempt_then_release(self: DistributedLock, step: Any, *rest: Any) -> Any:
+            reply = await original(self, step, *rest)
+            if self is waiter and isinstance(step, protocol.Call) and JOIN in step.args:
                 seen = notifier.messages
                 await holder.release()
                 deadline = time.monotonic() + 5
@@ -397,7 +396,7 @@ def test_handover_before_the_waiter_registered_is_not_missed(
                     await asyncio.sleep(0.001)  # the reader has the handover before the waiter registers
             return reply
 
-        monkeypatch.setattr(DistributedLock, "_attempt", attempt_then_release)
+        monkeypatch.setattr(DistributedLock, "_perform", attempt_then_release)
         started = time.monotonic()
         assert await waiter.acquire()
         assert time.monotonic() - started < 5  # woken by the handover, not by its 20 s timer

@@ -15,7 +15,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "celery_dlock"
 
-SHARED = {"errors", "keys", "options", "scripts", "lease", "schedule", "inbox", "naming", "connection"}
+SHARED = {
+    "errors",
+    "keys",
+    "options",
+    "scripts",
+    "lease",
+    "protocol",
+    "schedule",
+    "inbox",
+    "naming",
+    "connection",
+}
 SYNC = {"lock", "channel", "deadline", "notify", "watchdog", "convenience", "fencing"}
 STANDALONE = {"embedded"}  # the demo's and the tests' redis-server: imports nothing of ours
 LAYERS = {
@@ -57,6 +68,11 @@ def imported_modules(path: Path) -> set[str]:
             elif node.module and node.module.startswith("celery_dlock."):
                 target = node.module.removeprefix("celery_dlock.")
             else:
+                continue
+            # ``from celery_dlock import protocol``: that module, not the package.
+            submodules = {f"{target}.{a.name}".lstrip(".") for a in node.names}
+            if submodules <= set(LAYER_OF):
+                found.update(submodules)
                 continue
             found.add(target)
         elif isinstance(node, ast.Import):

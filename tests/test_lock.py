@@ -16,6 +16,7 @@ from celery_dlock import (
     LockError,
     LockLost,
     LockNotAcquired,
+    protocol,
 )
 from celery_dlock.inbox import inbox_channel, member_prefix
 from celery_dlock.notify import ReleaseNotifier, notifier_for
@@ -187,13 +188,11 @@ def test_handover_before_the_waiter_registered_is_not_missed(
     notifier = notifier_for(r)
     holder = DistributedLock(r, name, timeout=30)
     holder.acquire()
-    original = DistributedLock._attempt
+    original = DistributedLock._perform
 
-    def attempt_then_release(
-        self: DistributedLock, token: str, mode: bytes, member: bytes | None, *plan: Any
-    ) -> Any:
-        reply = original(self, token, mode, member, *plan)
-        if self is waiter and mode == JOIN:
+    def attempt_then_release(self: DistributedLock, step: Any, *rest: Any) -> Any:
+        reply = original(self, step, *rest)
+        if self is waiter and isinstance(step, protocol.Call) and JOIN in step.args:
             seen = notifier.messages
             holder.release()
             deadline = time.monotonic() + 5
@@ -201,7 +200,7 @@ def test_handover_before_the_waiter_registered_is_not_missed(
                 time.sleep(0.001)  # the reader thread has the handover before the waiter registers
         return reply
 
-    monkeypatch.setattr(DistributedLock, "_attempt", attempt_then_release)
+    monkeypatch.setattr(DistributedLock, "_perform", attempt_then_release)
     waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=30)
     started = time.monotonic()
     assert waiter.acquire()
