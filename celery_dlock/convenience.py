@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from celery_dlock.connection import check_redis_url, client_options, redis_url_from_env
 from celery_dlock.lock import DistributedLock
-from celery_dlock.naming import lock_name_for
-from celery_dlock.options import LockOptions
+from celery_dlock.naming import LockDecorator, bare_decoration, lock_name_for
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,15 +50,7 @@ def distributed_lock(lock_name: str, redis: Any = None, **options: Any) -> Itera
         yield lock
 
 
-@overload
-def distributed_lock_decorator(name: F) -> F: ...
-@overload
-def distributed_lock_decorator(
-    name: str | None = None, redis: Any = None, **options: Any
-) -> Callable[[F], F]: ...
-
-
-def distributed_lock_decorator(name: Any = None, redis: Any = None, **options: Any) -> Any:
+def _decorator(name: Any = None, redis: Any = None, **options: Any) -> Any:
     """Run the decorated function while holding a lock.
 
     Usable bare (``@distributed_lock_decorator``), called (``@distributed_lock_decorator()``),
@@ -67,11 +58,9 @@ def distributed_lock_decorator(name: Any = None, redis: Any = None, **options: A
     over the function's arguments (``@distributed_lock_decorator("order:{order_id}")``).
     The default name is the function's module-qualified name.
     """
-    if callable(name) and redis is None and not options:
-        return distributed_lock_decorator()(name)
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a str (or omitted), got {type(name).__name__}: {name!r}")
-    LockOptions.build("validation", **options)  # bad options fail at decoration time
+    bare = bare_decoration(name, redis, options)
+    if bare is not None:
+        return _decorator()(bare)
 
     def decorate(func: F) -> F:
         lock_name = lock_name_for(func, name)
@@ -85,3 +74,7 @@ def distributed_lock_decorator(name: Any = None, redis: Any = None, **options: A
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+_decorator.__name__ = _decorator.__qualname__ = "distributed_lock_decorator"
+distributed_lock_decorator: LockDecorator = _decorator

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_dlock.errors import LockError, LockLost
-from celery_dlock.keys import LockKeys
+from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
 from celery_dlock.options import LockOptions, check_seconds, to_millis
 from celery_dlock.scripts import ACQUIRE, JOIN, RELEASE, TRY, BoundScript
 
@@ -202,7 +202,35 @@ class LockCore:
     #: The driver's redis-py client (sync or asyncio); the protocol only names its server.
     redis: Any
 
-    def __init__(self, options: LockOptions) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        lock_name: str,
+        timeout: float = 30,
+        retry_times: int = 0,
+        retry_delay: float = 0.1,
+        auto_renewal: bool = False,
+        renewal_interval: float | None = None,
+        blocking_timeout: float | None = None,
+        on_lost: Callable[[Any], object] | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_lease: float | None = None,
+        note_ttl: float | None = None,
+    ) -> None:
+        options = LockOptions.build(
+            lock_name,
+            timeout=timeout,
+            retry_times=retry_times,
+            retry_delay=retry_delay,
+            auto_renewal=auto_renewal,
+            renewal_interval=renewal_interval,
+            blocking_timeout=blocking_timeout,
+            on_lost=on_lost,
+            prefix=prefix,
+            max_lease=max_lease,
+            note_ttl=note_ttl,
+        )
         self.options = options
         self.keys = LockKeys.for_name(options.name, options.prefix)
         # The hot path's script calls, bound by the driver (_bind_scripts), and the
@@ -232,6 +260,14 @@ class LockCore:
         self._tracked = False
         # The token a failed acquisition was last cleaned up after (protocol.abandon runs once).
         self._cleaned_up: str | None = None
+        self.redis = self._check_client(redis)
+        self._bind_scripts(self.redis)
+        self._inbox_cache: Any = None  # the driver's notifier and inbox, see its _inbox()
+
+    @staticmethod
+    def _check_client(client: object) -> Any:
+        """The driver's check that ``client`` is a client it can drive (a clear error if not)."""
+        raise NotImplementedError
 
     # -- public, cheap, no round trip ---------------------------------------------
 

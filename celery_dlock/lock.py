@@ -25,15 +25,13 @@ from celery_dlock.connection import (
     report_eviction_policy,
 )
 from celery_dlock.deadline import call_before
-from celery_dlock.errors import LockError, LockNotAcquired
 from celery_dlock.inbox import Inbox
-from celery_dlock.keys import DEFAULT_PREFIX, LockKeys
+from celery_dlock.keys import LockKeys
 from celery_dlock.lease import (
     LockCore,
     process_generation,
 )
 from celery_dlock.notify import ReleaseNotifier, notifier_for
-from celery_dlock.options import LockOptions
 from celery_dlock.scripts import RELEASE, BoundScript, Script
 from celery_dlock.watchdog import get_watchdog
 
@@ -181,39 +179,7 @@ class DistributedLock(LockCore):
     ...     write_report(fence=lock.fence)
     """
 
-    def __init__(
-        self,
-        redis: Any,
-        lock_name: str,
-        timeout: float = 30,
-        retry_times: int = 0,
-        retry_delay: float = 0.1,
-        auto_renewal: bool = False,
-        renewal_interval: float | None = None,
-        blocking_timeout: float | None = None,
-        on_lost: Callable[[DistributedLock], object] | None = None,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        max_lease: float | None = None,
-        note_ttl: float | None = None,
-    ) -> None:
-        options = LockOptions.build(
-            lock_name,
-            timeout=timeout,
-            retry_times=retry_times,
-            retry_delay=retry_delay,
-            auto_renewal=auto_renewal,
-            renewal_interval=renewal_interval,
-            blocking_timeout=blocking_timeout,
-            on_lost=on_lost,
-            prefix=prefix,
-            max_lease=max_lease,
-            note_ttl=note_ttl,
-        )
-        super().__init__(options)
-        self.redis = check_sync_client(redis)
-        self._bind_scripts(self.redis)
-        self._inbox_cache: tuple[int, ReleaseNotifier, Inbox[threading.Event]] | None = None
+    _check_client = staticmethod(check_sync_client)
 
     # -- the operations: celery_dlock.protocol, performed here ---------------------
 
@@ -265,66 +231,63 @@ class DistributedLock(LockCore):
         """Perform ``operation``'s steps on this thread until it returns."""
         waiting = _Waiting()
         try:
-            value: Any = None
-            error: BaseException | None = None
-            while True:
-                try:
-                    step = operation.send(value) if error is None else operation.throw(error)
-                except StopIteration as done:
-                    result: T = done.value
-                    return result
-                value, error = None, None
-                try:
-                    value = self._perform(step, waiting)
-                except BaseException as exc:
-                    error = exc
+            done, item = protocol.advance(operation, None, None)
+            while not done:
+                done, item = protocol.advance(operation, *self._outcome(item, waiting))
+            result: T = item
+            return result
         finally:
             waiting.close()
 
-    def _perform(self, step: protocol.Step, waiting: _Waiting) -> Any:
-        kind = type(step)
-        if step is protocol.NOW:
-            return time.monotonic()
-        if kind is protocol.Call:
-            assert isinstance(step, protocol.Call)
-            late = step.late
-            on_late = None if late is None else (lambda reply: self._run(late(reply)))
-            return run_bound(self.redis, step.script, *step.args, deadline=step.deadline, on_late=on_late)
-        if kind is protocol.RunScript:
-            assert isinstance(step, protocol.RunScript)
-            return run_script(self.redis, step.script, step.keys, step.args, step.deadline)
-        if kind is protocol.Command:
-            assert isinstance(step, protocol.Command)
-            return run_command(self.redis, *step.command, deadline=step.deadline)
-        if kind is protocol.CheckServer:
-            assert isinstance(step, protocol.CheckServer)
-            if first_sight(self.redis):
-                check_server(self.redis, step.deadline)
-            return None
-        if step is protocol.LISTEN:
-            return self._inbox()[1]
-        if kind is protocol.Watch:
-            assert isinstance(step, protocol.Watch)
-            waiting.watch(self._inbox()[0], step.inbox, step.token)
-            return None
-        if kind is protocol.Sleep:
-            assert isinstance(step, protocol.Sleep)
-            waiting.sleep(step.seconds)
-            return None
-        if step is protocol.TRACK:
-            get_watchdog().track(self)
-            return None
-        if kind is protocol.Untrack:
-            assert isinstance(step, protocol.Untrack)
-            get_watchdog().untrack(self, wait=step.wait)
-            return None
-        if step is protocol.RETIME:
-            get_watchdog().retime(self)
-            return None
-        if kind is protocol.Detach:
-            assert isinstance(step, protocol.Detach)
-            return self._run(step.operation)  # a clean-up: here, before the caller goes on
-        raise TypeError(f"unknown step {step!r}")
+    def _outcome(self, step: protocol.Step, waiting: _Waiting) -> tuple[Any, BaseException | None]:
+        try:
+            return self._perform(step, waiting), None
+        except BaseException as exc:  # thrown into the operation, which decides
+            return None, exc
+
+    def _perform(self, step: Any, waiting: _Waiting) -> Any:
+        return getattr(self, "_" + step.kind)(step, waiting)
+
+    # One method per kind of step (protocol.STEP_KINDS): how this driver performs it.
+
+    def _now(self, step: Any, waiting: _Waiting) -> float:
+        return time.monotonic()
+
+    def _call(self, step: protocol.Call, waiting: _Waiting) -> Any:
+        late = step.late
+        on_late = None if late is None else (lambda reply: self._run(late(reply)))
+        return run_bound(self.redis, step.script, *step.args, deadline=step.deadline, on_late=on_late)
+
+    def _run_script(self, step: protocol.RunScript, waiting: _Waiting) -> Any:
+        return run_script(self.redis, step.script, step.keys, step.args, step.deadline)
+
+    def _command(self, step: protocol.Command, waiting: _Waiting) -> Any:
+        return run_command(self.redis, *step.command, deadline=step.deadline)
+
+    def _check_server(self, step: protocol.CheckServer, waiting: _Waiting) -> None:
+        if first_sight(self.redis):
+            check_server(self.redis, step.deadline)
+
+    def _listen(self, step: Any, waiting: _Waiting) -> Inbox[threading.Event]:
+        return self._inbox()[1]
+
+    def _watch(self, step: protocol.Watch, waiting: _Waiting) -> None:
+        waiting.watch(self._inbox()[0], step.inbox, step.token)
+
+    def _sleep(self, step: protocol.Sleep, waiting: _Waiting) -> None:
+        waiting.sleep(step.seconds)
+
+    def _track(self, step: Any, waiting: _Waiting) -> None:
+        get_watchdog().track(self)
+
+    def _untrack(self, step: protocol.Untrack, waiting: _Waiting) -> None:
+        get_watchdog().untrack(self, wait=step.wait)
+
+    def _retime(self, step: Any, waiting: _Waiting) -> None:
+        get_watchdog().retime(self)
+
+    def _detach(self, step: protocol.Detach, waiting: _Waiting) -> None:
+        self._run(step.operation)  # a clean-up: here, before the caller goes on
 
     def _inbox(self) -> tuple[ReleaseNotifier, Inbox[threading.Event]]:
         """This process's notifier and inbox for this lock, cached (a forked child finds its own)."""
@@ -338,30 +301,8 @@ class DistributedLock(LockCore):
     # -- context manager -----------------------------------------------------------
 
     def __enter__(self) -> DistributedLock:
-        held_before = self._token
-        try:
-            acquired = self.acquire()
-        except BaseException:
-            # Raised after the lock was taken (a signal handler, KeyboardInterrupt landing
-            # as acquire returned): the with statement never gets the lock, so free it.
-            token = self._token
-            if token is not None and token != held_before:
-                self._run(protocol.abandon(self, token, None))
-            raise
-        if not acquired:
-            raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")
-        return self
+        lock: DistributedLock = self._run(protocol.enter(self))
+        return lock
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self.release()
-        except LockError:
-            if exc is None:
-                raise
-            # Do not hide the body's own exception behind a release failure.
-            logger.exception("release of lock %r failed while handling %r", self.name, exc)
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._run(protocol.leave(self, exc))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 import string
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar, overload
 
 from celery_dlock.keys import check_name
+from celery_dlock.options import LockOptions
 
 
 def default_name(func: Callable[..., Any]) -> str:
@@ -90,3 +91,26 @@ def lock_name_for(
     if template.is_static:
         return lambda args, kwargs: name
     return template.format
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class LockDecorator(Protocol):
+    """The type of ``distributed_lock_decorator`` (sync and asyncio): bare, or called."""
+
+    @overload
+    def __call__(self, name: F, /) -> F: ...
+    @overload
+    def __call__(self, name: str | None = None, redis: Any = None, **options: Any) -> Callable[[F], F]: ...
+
+
+def bare_decoration(name: Any, redis: Any, options: Mapping[str, Any]) -> Callable[..., Any] | None:
+    """The function a lock decorator was put on bare (``@distributed_lock_decorator``), or
+    None once the decorator's own arguments are checked (bad options fail at decoration)."""
+    if callable(name) and redis is None and not options:
+        return name  # type: ignore[no-any-return]
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str (or omitted), got {type(name).__name__}: {name!r}")
+    LockOptions.build("validation", **options)
+    return None

@@ -43,12 +43,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from redis.exceptions import RedisError
 
 from celery_dlock.connection import backend_error
-from celery_dlock.errors import DeadlineExceeded, LockBackendUnavailable
+from celery_dlock.errors import DeadlineExceeded, LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.lease import (
     CLEANUP_GRACE,
     RENEWAL_DRAIN_WAIT,
@@ -67,9 +67,11 @@ T = TypeVar("T")
 
 
 class Step:
-    """An I/O step an operation asks its driver to perform."""
+    """An I/O step an operation asks its driver to perform; ``kind`` names the driver's
+    method that performs it (``_<kind>``)."""
 
     __slots__ = ()
+    kind: ClassVar[str]
 
 
 #: An operation: yields steps, is sent their results, returns its own result.
@@ -78,18 +80,22 @@ Operation = Generator[Step, Any, T]
 
 class _Now(Step):
     __slots__ = ()
+    kind = "now"
 
 
 class _Listen(Step):
     __slots__ = ()
+    kind = "listen"
 
 
 class _Track(Step):
     __slots__ = ()
+    kind = "track"
 
 
 class _Retime(Step):
     __slots__ = ()
+    kind = "retime"
 
 
 NOW, LISTEN, TRACK, RETIME = _Now(), _Listen(), _Track(), _Retime()
@@ -101,6 +107,7 @@ class Call(Step):
     args: tuple[Any, ...]
     deadline: float
     late: Callable[[Any], Operation[None]] | None = None
+    kind: ClassVar[str] = "call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,38 +116,60 @@ class RunScript(Step):
     keys: list[str]
     args: list[Any]
     deadline: float
+    kind: ClassVar[str] = "run_script"
 
 
 @dataclass(frozen=True, slots=True)
 class Command(Step):
     command: tuple[Any, ...]
     deadline: float
+    kind: ClassVar[str] = "command"
 
 
 @dataclass(frozen=True, slots=True)
 class CheckServer(Step):
     deadline: float
+    kind: ClassVar[str] = "check_server"
 
 
 @dataclass(frozen=True, slots=True)
 class Watch(Step):
     inbox: Any
     token: str
+    kind: ClassVar[str] = "watch"
 
 
 @dataclass(frozen=True, slots=True)
 class Sleep(Step):
     seconds: float
+    kind: ClassVar[str] = "sleep"
 
 
 @dataclass(frozen=True, slots=True)
 class Untrack(Step):
     wait: float
+    kind: ClassVar[str] = "untrack"
 
 
 @dataclass(frozen=True, slots=True)
 class Detach(Step):
     operation: Operation[None]
+    kind: ClassVar[str] = "detach"
+
+
+#: Every kind of step: a driver has a method ``_<kind>(step, waiting)`` for each.
+STEP_KINDS = tuple(cls.kind for cls in (_Now, _Listen, _Track, _Retime, Call, RunScript, Command,
+                                        CheckServer, Watch, Sleep, Untrack, Detach))  # fmt: skip
+
+
+def advance(operation: Operation[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Send ``value`` (or throw ``error``) into ``operation``: (True, its result) once it
+    has returned, else (False, the next step). What the operation raises propagates."""
+    try:
+        step = operation.send(value) if error is None else operation.throw(error)
+    except StopIteration as done:
+        return True, done.value
+    return False, step
 
 
 # -- acquire -----------------------------------------------------------------------
@@ -272,6 +301,40 @@ def undo_late_attempt(lock: LockCore, token: str, member: bytes | None, reply: A
         yield Call(lock._release_script, (token,), deadline)
     elif member is not None:
         yield Command(("ZREM", lock.keys.waiters, member), deadline)
+
+
+# -- the context manager ---------------------------------------------------------------
+
+
+def enter(lock: LockCore) -> Operation[Any]:
+    """``with lock:`` / ``async with lock:``: acquire (blocking), or LockNotAcquired.
+
+    An interruption that lands after the lock was taken (a signal handler's exception, a
+    cancellation, as acquire returns) leaves the block unentered: the lock is freed.
+    """
+    held_before = lock._token
+    try:
+        acquired = yield from acquire(lock, True)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        token = lock._token
+        if token is not None and token != held_before:
+            yield Detach(abandon(lock, token, None))
+        raise
+    if not acquired:
+        raise LockNotAcquired(f"could not acquire lock {lock.name!r}: it is held by another owner")
+    return lock
+
+
+def leave(lock: LockCore, body_error: BaseException | None) -> Operation[None]:
+    """The end of the block: release; a failed release never hides the body's own exception."""
+    try:
+        yield from release(lock, None)
+    except LockError:
+        if body_error is None:
+            raise
+        logger.exception("release of lock %r failed while handling %r", lock.name, body_error)
 
 
 # -- release, extend ---------------------------------------------------------------

@@ -8,11 +8,10 @@ import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from celery_dlock.connection import check_redis_url, client_options, redis_url_from_env
-from celery_dlock.naming import lock_name_for
-from celery_dlock.options import LockOptions
+from celery_dlock.naming import LockDecorator, bare_decoration, lock_name_for
 
 from .lock import DistributedLock
 
@@ -49,21 +48,11 @@ async def distributed_lock(
         yield lock
 
 
-@overload
-def distributed_lock_decorator(name: F) -> F: ...
-@overload
-def distributed_lock_decorator(
-    name: str | None = None, redis: Any = None, **options: Any
-) -> Callable[[F], F]: ...
-
-
-def distributed_lock_decorator(name: Any = None, redis: Any = None, **options: Any) -> Any:
+def _decorator(name: Any = None, redis: Any = None, **options: Any) -> Any:
     """Run the decorated coroutine function while holding a lock (same forms as the sync decorator)."""
-    if callable(name) and redis is None and not options:
-        return distributed_lock_decorator()(name)
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a str (or omitted), got {type(name).__name__}: {name!r}")
-    LockOptions.build("validation", **options)  # bad options fail at decoration time
+    bare = bare_decoration(name, redis, options)
+    if bare is not None:
+        return _decorator()(bare)
 
     def decorate(func: F) -> F:
         if not inspect.iscoroutinefunction(func):
@@ -82,3 +71,7 @@ def distributed_lock_decorator(name: Any = None, redis: Any = None, **options: A
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+_decorator.__name__ = _decorator.__qualname__ = "distributed_lock_decorator"
+distributed_lock_decorator: LockDecorator = _decorator

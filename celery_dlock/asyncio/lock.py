@@ -23,14 +23,12 @@ from redis.exceptions import NoScriptError
 
 from celery_dlock import protocol
 from celery_dlock.connection import first_sight, reject_foreign_client, report_eviction_policy
-from celery_dlock.errors import DeadlineExceeded, LockError, LockNotAcquired
+from celery_dlock.errors import DeadlineExceeded
 from celery_dlock.inbox import Inbox
-from celery_dlock.keys import DEFAULT_PREFIX
 from celery_dlock.lease import (
     LockCore,
     process_generation,
 )
-from celery_dlock.options import LockOptions
 from celery_dlock.scripts import BoundScript, Script
 
 from .notify import AsyncReleaseNotifier, notifier_for
@@ -142,41 +140,7 @@ class DistributedLock(LockCore):
     ...     await write_report(fence=lock.fence)
     """
 
-    def __init__(
-        self,
-        redis: Any,
-        lock_name: str,
-        timeout: float = 30,
-        retry_times: int = 0,
-        retry_delay: float = 0.1,
-        auto_renewal: bool = False,
-        renewal_interval: float | None = None,
-        blocking_timeout: float | None = None,
-        on_lost: Callable[[DistributedLock], object] | None = None,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        max_lease: float | None = None,
-        note_ttl: float | None = None,
-    ) -> None:
-        options = LockOptions.build(
-            lock_name,
-            timeout=timeout,
-            retry_times=retry_times,
-            retry_delay=retry_delay,
-            auto_renewal=auto_renewal,
-            renewal_interval=renewal_interval,
-            blocking_timeout=blocking_timeout,
-            on_lost=on_lost,
-            prefix=prefix,
-            max_lease=max_lease,
-            note_ttl=note_ttl,
-        )
-        super().__init__(options)
-        self.redis = check_async_client(redis)
-        self._bind_scripts(self.redis)
-        self._inbox_cache: (
-            tuple[asyncio.AbstractEventLoop, int, AsyncReleaseNotifier, Inbox[asyncio.Event]] | None
-        ) = None
+    _check_client = staticmethod(check_async_client)
 
     # -- the operations: celery_dlock.protocol, performed here ---------------------
 
@@ -211,76 +175,72 @@ class DistributedLock(LockCore):
         """Perform ``operation``'s steps in this task until it returns."""
         waiting = _Waiting()
         try:
-            value: Any = None
-            error: BaseException | None = None
-            while True:
-                try:
-                    step = operation.send(value) if error is None else operation.throw(error)
-                except StopIteration as done:
-                    result: T = done.value
-                    return result
-                value, error = None, None
-                try:
-                    value = await self._perform(step, waiting)
-                except BaseException as exc:
-                    error = exc
+            done, item = protocol.advance(operation, None, None)
+            while not done:
+                done, item = protocol.advance(operation, *(await self._outcome(item, waiting)))
+            result: T = item
+            return result
         finally:
             await waiting.close()
 
-    async def _perform(self, step: protocol.Step, waiting: _Waiting) -> Any:
-        kind = type(step)
-        if step is protocol.NOW:
-            return time.monotonic()
-        if kind is protocol.Call:
-            assert isinstance(step, protocol.Call)
-            # In a task of its own, which neither the deadline nor a cancelled caller stops:
-            # a reply on its way is still read, and a late one goes to step.late.
-            call = _spawn(run_bound(self.redis, step.script, *step.args))
-            try:
-                return await within(step.deadline, call)
-            except (asyncio.CancelledError, DeadlineExceeded):
-                if step.late is not None:
-                    call.add_done_callback(functools.partial(self._late_reply, step.late))
-                raise
-        if kind is protocol.RunScript:
-            assert isinstance(step, protocol.RunScript)
-            return await within(step.deadline, run_script(self.redis, step.script, step.keys, step.args))
-        if kind is protocol.Command:
-            assert isinstance(step, protocol.Command)
-            return await within(step.deadline, self.redis.execute_command(*step.command))
-        if kind is protocol.CheckServer:
-            assert isinstance(step, protocol.CheckServer)
-            if first_sight(self.redis):
-                await check_server(self.redis, step.deadline)
-            return None
-        if step is protocol.LISTEN:
-            return self._inbox()[1]
-        if kind is protocol.Watch:
-            assert isinstance(step, protocol.Watch)
-            await waiting.watch(self._inbox()[0], step.inbox, step.token)
-            return None
-        if kind is protocol.Sleep:
-            assert isinstance(step, protocol.Sleep)
-            await waiting.sleep(step.seconds)
-            return None
-        if step is protocol.TRACK:
-            get_watchdog().track(self)
-            return None
-        if kind is protocol.Untrack:
-            assert isinstance(step, protocol.Untrack)
-            if step.wait:
-                await get_watchdog().untrack(self, wait=step.wait)
-            else:
-                get_watchdog().untrack_now(self)
-            return None
-        if step is protocol.RETIME:
-            get_watchdog().retime(self)
-            return None
-        if kind is protocol.Detach:
-            assert isinstance(step, protocol.Detach)
-            _spawn(self._run(step.operation))  # a clean-up a cancelled caller does not wait for
-            return None
-        raise TypeError(f"unknown step {step!r}")
+    async def _outcome(self, step: protocol.Step, waiting: _Waiting) -> tuple[Any, BaseException | None]:
+        try:
+            return await self._perform(step, waiting), None
+        except BaseException as exc:  # thrown into the operation (a cancellation too), which decides
+            return None, exc
+
+    async def _perform(self, step: Any, waiting: _Waiting) -> Any:
+        return await getattr(self, "_" + step.kind)(step, waiting)
+
+    # One method per kind of step (protocol.STEP_KINDS): how this driver performs it.
+
+    async def _now(self, step: Any, waiting: _Waiting) -> float:
+        return time.monotonic()
+
+    async def _call(self, step: protocol.Call, waiting: _Waiting) -> Any:
+        # In a task of its own, which neither the deadline nor a cancelled caller stops:
+        # a reply on its way is still read, and a late one goes to step.late.
+        call = _spawn(run_bound(self.redis, step.script, *step.args))
+        try:
+            return await within(step.deadline, call)
+        except (asyncio.CancelledError, DeadlineExceeded):
+            if step.late is not None:
+                call.add_done_callback(functools.partial(self._late_reply, step.late))
+            raise
+
+    async def _run_script(self, step: protocol.RunScript, waiting: _Waiting) -> Any:
+        return await within(step.deadline, run_script(self.redis, step.script, step.keys, step.args))
+
+    async def _command(self, step: protocol.Command, waiting: _Waiting) -> Any:
+        return await within(step.deadline, self.redis.execute_command(*step.command))
+
+    async def _check_server(self, step: protocol.CheckServer, waiting: _Waiting) -> None:
+        if first_sight(self.redis):
+            await check_server(self.redis, step.deadline)
+
+    async def _listen(self, step: Any, waiting: _Waiting) -> Inbox[asyncio.Event]:
+        return self._inbox()[1]
+
+    async def _watch(self, step: protocol.Watch, waiting: _Waiting) -> None:
+        await waiting.watch(self._inbox()[0], step.inbox, step.token)
+
+    async def _sleep(self, step: protocol.Sleep, waiting: _Waiting) -> None:
+        await waiting.sleep(step.seconds)
+
+    async def _track(self, step: Any, waiting: _Waiting) -> None:
+        get_watchdog().track(self)
+
+    async def _untrack(self, step: protocol.Untrack, waiting: _Waiting) -> None:
+        if step.wait:
+            await get_watchdog().untrack(self, wait=step.wait)
+        else:
+            get_watchdog().untrack_now(self)
+
+    async def _retime(self, step: Any, waiting: _Waiting) -> None:
+        get_watchdog().retime(self)
+
+    async def _detach(self, step: protocol.Detach, waiting: _Waiting) -> None:
+        _spawn(self._run(step.operation))  # a clean-up a cancelled caller does not wait for
 
     def _late_reply(self, late: Callable[[Any], protocol.Operation[None]], call: asyncio.Task[Any]) -> None:
         if not call.cancelled() and call.exception() is None:
@@ -299,28 +259,8 @@ class DistributedLock(LockCore):
     # -- context manager -----------------------------------------------------------
 
     async def __aenter__(self) -> DistributedLock:
-        held_before = self._token
-        try:
-            acquired = await self.acquire()
-        except BaseException:
-            # Raised after the lock was taken (see the sync lock's __enter__): free it.
-            token = self._token
-            if token is not None and token != held_before:
-                _spawn(self._run(protocol.abandon(self, token, None)))
-            raise
-        if not acquired:
-            raise LockNotAcquired(f"could not acquire lock {self.name!r}: it is held by another owner")
-        return self
+        lock: DistributedLock = await self._run(protocol.enter(self))
+        return lock
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self.release()
-        except LockError:
-            if exc is None:
-                raise
-            logger.exception("release of lock %r failed while handling %r", self.name, exc)
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._run(protocol.leave(self, exc))
