@@ -236,6 +236,7 @@ def attempt(
         plan.attempt_deadline(sent_at),
         late=lambda reply: undo_late_attempt(lock, token, member, reply),
     )
+    lock._cleaned_up = None  # from now on the script may queue us (again): a clean-up is due
     try:
         raw = yield step
     except GeneratorExit:
@@ -257,7 +258,6 @@ def attempt(
     except BaseException:
         yield Detach(abandon(lock, token, member))
         raise
-    lock._cleaned_up = None  # it may have queued us (again)
     reply = lock._take_reply(raw, token, sent_at)
     if reply.acquired and lock._watched:
         lock._tracked = True
@@ -278,17 +278,23 @@ def abandon(lock: LockCore, token: str, member: bytes | None) -> Operation[None]
     if lock._cleaned_up == token:
         return
     lock._cleaned_up = token
-    deadline = (yield NOW) + CLEANUP_GRACE
-    yield Untrack(0)
-    if member is not None:
-        try:
-            yield Command(("ZREM", lock.keys.waiters, member), deadline)
-        except RedisError as exc:
-            logger.debug("leaving the waiters queue of %r failed: %r", lock.name, exc)
     try:
-        yield Call(lock._release_script, (token,), deadline)
-    except Exception as exc:
-        logger.debug("cleanup of lock %r after a failed acquire failed: %r", lock.name, exc)
+        deadline = (yield NOW) + CLEANUP_GRACE
+        yield Untrack(0)
+        if member is not None:
+            try:
+                yield Command(("ZREM", lock.keys.waiters, member), deadline)
+            except RedisError as exc:
+                logger.debug("leaving the waiters queue of %r failed: %r", lock.name, exc)
+        try:
+            yield Call(lock._release_script, (token,), deadline)
+        except Exception as exc:
+            logger.debug("cleanup of lock %r after a failed acquire failed: %r", lock.name, exc)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        lock._cleaned_up = None  # interrupted: the clean-up the caller then detaches does it all
+        raise
     if lock._token == token:
         lock._forget()
 
