@@ -258,25 +258,36 @@ def _is_redis_py_execute_command(function: Any) -> bool:
 def pack_command(command: Sequence[Any], encoding: str, errors: str) -> bytes:
     """One command as a RESP array of bulk strings (what redis-py's packer sends, for the
     argument types it accepts, without its per-argument encoder calls)."""
-    parts = [b"*%d\r\n" % len(command)]
-    for index, arg in enumerate(command):
-        if index == 0 and isinstance(arg, str):
-            data = arg.encode()  # the command name: UTF-8 whatever the client's encoding
-        elif isinstance(arg, bytes):
+    name = command[0]
+    first = name.encode() if isinstance(name, str) else _argument_bytes(name, command, encoding, errors)
+    parts = [b"*%d\r\n$%d\r\n%b\r\n" % (len(command), len(first), first)]  # the name: UTF-8 always
+    for arg in command[1:]:
+        kind = type(arg)  # the common exact types first; anything else as redis-py would
+        if kind is bytes:
             data = arg
-        elif isinstance(arg, str):
+        elif kind is str:
             data = arg.encode(encoding, errors)
-        elif isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        elif kind is int or kind is float:
             data = repr(arg).encode()
-        elif isinstance(arg, (bytearray, memoryview)):
-            data = bytes(arg)
         else:
-            raise DataError(
-                f"Invalid input of type: {type(arg).__name__!r} in {command[0]!r}. "
-                "Convert to a bytes, str, int or float first."
-            )
+            data = _argument_bytes(arg, command, encoding, errors)
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def _argument_bytes(arg: Any, command: Sequence[Any], encoding: str, errors: str) -> bytes:
+    if isinstance(arg, bytes):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return arg.encode(encoding, errors)
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return repr(arg).encode()
+    if isinstance(arg, (bytearray, memoryview)):
+        return bytes(arg)
+    raise DataError(
+        f"Invalid input of type: {type(arg).__name__!r} in {command[0]!r}. "
+        "Convert to a bytes, str, int or float first."
+    )
 
 
 class ScriptChannel:

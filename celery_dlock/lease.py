@@ -425,6 +425,19 @@ class LockCore:
         self._trusted_until = trusted_until(sent_at, lease_ms)
         self._extended_at = now
 
+    def _extend_started(self, lease_ms: int | None, sent_at: float) -> None:
+        """An extend() sent at ``sent_at`` is on its way. Until its answer no renewal reply
+        raises the trust (the extend may run after that renewal and shorten the lease), and
+        one that sets the lease (``lease_ms``, ``replace=True``) is trusted no further than
+        that lease already: it may run even if no answer ever comes."""
+        self._extended_at = math.inf
+        if lease_ms is not None:
+            self._trusted_until = min(self._trusted_until, trusted_until(sent_at, lease_ms))
+
+    def _extend_unanswered(self, now: float) -> None:
+        """The extend() got no answer: renewals sent from ``now`` on count again."""
+        self._extended_at = now
+
     def _mark_lost(self, reason: str) -> bool:
         """Record that the lock is lost; True if this call is the one that found out."""
         if self._lost or self._token is None:

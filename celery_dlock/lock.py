@@ -20,7 +20,6 @@ from redis.exceptions import NoScriptError
 from celery_dlock import protocol
 from celery_dlock.channel import script_channel
 from celery_dlock.connection import (
-    first_sight,
     reject_foreign_client,
     report_eviction_policy,
 )
@@ -181,6 +180,8 @@ class DistributedLock(LockCore):
 
     _check_client = staticmethod(check_sync_client)
 
+    _performers: dict[str, Callable[..., Any]]
+
     # -- the operations: celery_dlock.protocol, performed here ---------------------
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -230,23 +231,20 @@ class DistributedLock(LockCore):
     def _run(self, operation: protocol.Operation[T]) -> T:
         """Perform ``operation``'s steps on this thread until it returns."""
         waiting = _Waiting()
+        perform = self._performers
         try:
             done, item = protocol.advance(operation, None, None)
             while not done:
-                done, item = protocol.advance(operation, *self._outcome(item, waiting))
+                try:
+                    value = perform[item.kind](self, item, waiting)
+                except BaseException as exc:  # thrown into the operation, which decides
+                    done, item = protocol.advance(operation, None, exc)
+                else:
+                    done, item = protocol.advance(operation, value, None)
             result: T = item
             return result
         finally:
             waiting.close()
-
-    def _outcome(self, step: protocol.Step, waiting: _Waiting) -> tuple[Any, BaseException | None]:
-        try:
-            return self._perform(step, waiting), None
-        except BaseException as exc:  # thrown into the operation, which decides
-            return None, exc
-
-    def _perform(self, step: Any, waiting: _Waiting) -> Any:
-        return getattr(self, "_" + step.kind)(step, waiting)
 
     # One method per kind of step (protocol.STEP_KINDS): how this driver performs it.
 
@@ -265,8 +263,7 @@ class DistributedLock(LockCore):
         return run_command(self.redis, *step.command, deadline=step.deadline)
 
     def _check_server(self, step: protocol.CheckServer, waiting: _Waiting) -> None:
-        if first_sight(self.redis):
-            check_server(self.redis, step.deadline)
+        check_server(self.redis, step.deadline)
 
     def _listen(self, step: Any, waiting: _Waiting) -> Inbox[threading.Event]:
         return self._inbox()[1]
@@ -306,3 +303,7 @@ class DistributedLock(LockCore):
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._run(protocol.leave(self, exc))
+
+
+#: How this driver performs each kind of step (its ``_<kind>`` method), by kind.
+DistributedLock._performers = {kind: getattr(DistributedLock, "_" + kind) for kind in protocol.STEP_KINDS}

@@ -20,7 +20,7 @@ step                      perform, and send back
                           deadline goes to ``late`` (an operation to run detached)
 ``RunScript``             the same for a script given with its KEYS
 ``Command``               one plain command (ZREM, GET, EXISTS) ended on its deadline
-``CheckServer``           at a client's first acquire, warn about an evicting server
+``CheckServer``           (a client's first acquire) warn if its server evicts keys
 ``LISTEN``                this process's (or event loop's) inbox for the lock's prefix
 ``Watch``                 start listening for hand-overs to the token, until the
                           operation ends
@@ -47,7 +47,7 @@ from typing import Any, ClassVar, TypeVar
 
 from redis.exceptions import RedisError
 
-from celery_dlock.connection import backend_error
+from celery_dlock.connection import backend_error, first_sight
 from celery_dlock.errors import DeadlineExceeded, LockBackendUnavailable, LockError, LockNotAcquired
 from celery_dlock.lease import (
     CLEANUP_GRACE,
@@ -101,7 +101,7 @@ class _Retime(Step):
 NOW, LISTEN, TRACK, RETIME = _Now(), _Listen(), _Track(), _Retime()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call(Step):
     script: BoundScript
     args: tuple[Any, ...]
@@ -110,7 +110,7 @@ class Call(Step):
     kind: ClassVar[str] = "call"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunScript(Step):
     script: Script
     keys: list[str]
@@ -119,41 +119,41 @@ class RunScript(Step):
     kind: ClassVar[str] = "run_script"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command(Step):
     command: tuple[Any, ...]
     deadline: float
     kind: ClassVar[str] = "command"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckServer(Step):
     deadline: float
     kind: ClassVar[str] = "check_server"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Watch(Step):
     inbox: Any
     token: str
     kind: ClassVar[str] = "watch"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sleep(Step):
     seconds: float
     kind: ClassVar[str] = "sleep"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Untrack(Step):
     wait: float
     kind: ClassVar[str] = "untrack"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Detach(Step):
-    operation: Operation[None]
+    operation: Operation[Any]
     kind: ClassVar[str] = "detach"
 
 
@@ -188,9 +188,11 @@ def acquire(lock: LockCore, blocking: bool) -> Operation[bool]:
     token = lock._start_attempt()
     now = yield NOW
     plan = AttemptPlan(lock.options, blocking, now)
-    yield CheckServer(plan.attempt_deadline(now))
+    if first_sight(lock.redis):  # (an in-memory check; the server's, once per client)
+        yield CheckServer(plan.attempt_deadline(now))
+        now = yield NOW
     if not blocking or lock._blocking_mode == TRY:
-        reply = yield from attempt(lock, token, TRY, None, plan)
+        reply = yield from attempt(lock, token, TRY, None, plan, now)
         return reply.acquired or reply.give_up()
     inbox = yield LISTEN
     live = inbox.live_generation  # was a hand-over to us sure to be delivered?
@@ -225,10 +227,11 @@ def acquire(lock: LockCore, blocking: bool) -> Operation[bool]:
 
 
 def attempt(
-    lock: LockCore, token: str, mode: bytes, member: bytes | None, plan: AttemptPlan
+    lock: LockCore, token: str, mode: bytes, member: bytes | None, plan: AttemptPlan, now: float | None = None
 ) -> Operation[AcquireReply]:
-    """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY)."""
-    sent_at = yield NOW
+    """One run of the acquire script; ``member``: how a blocking attempt queues (None for TRY);
+    ``now``: the time, when the caller has just read it."""
+    sent_at = now if now is not None else (yield NOW)
     queue = () if member is None else (member,)
     step = Call(
         lock._acquire_script,
@@ -239,6 +242,10 @@ def attempt(
     lock._cleaned_up = None  # from now on the script may queue us (again): a clean-up is due
     try:
         raw = yield step
+        reply = lock._take_reply(raw, token, sent_at)
+        if reply.acquired and lock._watched:
+            lock._tracked = True
+            yield TRACK  # interrupted here too: the lock just taken is freed below
     except GeneratorExit:
         raise
     except RedisError as exc:
@@ -258,10 +265,6 @@ def attempt(
     except BaseException:
         yield Detach(abandon(lock, token, member))
         raise
-    reply = lock._take_reply(raw, token, sent_at)
-    if reply.acquired and lock._watched:
-        lock._tracked = True
-        yield TRACK
     return reply
 
 
@@ -356,17 +359,28 @@ def release(lock: LockCore, note: str | None) -> Operation[bool]:
     token = lock._held_token()
     if token is None:
         return False
-    started = yield NOW
     args = lock._release_args(token, note)
-    if lock._tracked:
-        yield Untrack(min(lock.options.timeout, RENEWAL_DRAIN_WAIT))
-    deadline = max(lock.operation_deadline(started), (yield NOW) + CLEANUP_GRACE)
+    sent = False
     try:
-        reply = yield Call(
-            lock._release_script, args, deadline, late=lambda reply: settle_late_release(lock, token, reply)
-        )
+        started = now = yield NOW
+        if lock._tracked:
+            yield Untrack(min(lock.options.timeout, RENEWAL_DRAIN_WAIT))
+            now = yield NOW
+        deadline = max(lock.operation_deadline(started), now + CLEANUP_GRACE)
+        settle = lambda reply: settle_late_release(lock, token, reply)  # noqa: E731
+        step = Call(lock._release_script, args, deadline, late=settle)
+        sent = True
+        reply = yield step
+    except GeneratorExit:
+        raise
     except RedisError as exc:
         raise backend_error(lock.redis, "release", lock.name, exc) from exc
+    except BaseException:
+        # Interrupted before the release went out: the lock may still be renewed. The
+        # release the caller asked for goes on detached (once sent, its late reply settles it).
+        if not sent:
+            yield Detach(release(lock, note))
+        raise
     return lock._finish_release(token, reply)
 
 
@@ -391,10 +405,20 @@ def extend(lock: LockCore, additional_time: float, replace: bool) -> Operation[b
         return False
     sent_at = yield NOW
     args = lock._extend_args(token, lease_ms, replace)
+    lock._extend_started(lease_ms if replace else None, sent_at)
     try:
         result = int((yield RunScript(EXTEND, [lock.keys.lock], args, lock.operation_deadline(sent_at))))
-    except RedisError as exc:
-        raise backend_error(lock.redis, "extend", lock.name, exc) from exc
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        # No answer (an error, the deadline, an interruption): it may have run all the same,
+        # so a shortened lease stays trusted only as far as it set it.
+        lock._extend_unanswered((yield NOW))
+        if lock._tracked:
+            yield RETIME
+        if isinstance(exc, RedisError):
+            raise backend_error(lock.redis, "extend", lock.name, exc) from exc
+        raise
     if result < 0:
         if lock._mark_lost("extend found the lock expired or owned by another token"):
             yield Untrack(0)

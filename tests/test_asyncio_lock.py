@@ -11,7 +11,6 @@ import pytest
 import redis
 import redis.asyncio
 
-from celery_dlock import protocol
 from celery_dlock.asyncio import (
     DistributedLock,
     LockBackendUnavailable,
@@ -384,11 +383,11 @@ def test_handover_before_the_waiter_registered_is_not_missed(
         holder = DistributedLock(r, name, timeout=30)
         await holder.acquire()
         waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=30)
-        original = DistributedLock._perform
+        original = DistributedLock._performers["call"]
 
         async def attempt_then_release(self: DistributedLock, step: Any, *rest: Any) -> Any:
             reply = await original(self, step, *rest)
-            if self is waiter and isinstance(step, protocol.Call) and JOIN in step.args:
+            if self is waiter and JOIN in step.args:
                 seen = notifier.messages
                 await holder.release()
                 deadline = time.monotonic() + 5
@@ -396,7 +395,7 @@ def test_handover_before_the_waiter_registered_is_not_missed(
                     await asyncio.sleep(0.001)  # the reader has the handover before the waiter registers
             return reply
 
-        monkeypatch.setattr(DistributedLock, "_perform", attempt_then_release)
+        monkeypatch.setitem(DistributedLock._performers, "call", attempt_then_release)
         started = time.monotonic()
         assert await waiter.acquire()
         assert time.monotonic() - started < 5  # woken by the handover, not by its 20 s timer

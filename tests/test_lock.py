@@ -16,7 +16,6 @@ from celery_dlock import (
     LockError,
     LockLost,
     LockNotAcquired,
-    protocol,
 )
 from celery_dlock.inbox import inbox_channel, member_prefix
 from celery_dlock.notify import ReleaseNotifier, notifier_for
@@ -188,11 +187,11 @@ def test_handover_before_the_waiter_registered_is_not_missed(
     notifier = notifier_for(r)
     holder = DistributedLock(r, name, timeout=30)
     holder.acquire()
-    original = DistributedLock._perform
+    original = DistributedLock._performers["call"]
 
     def attempt_then_release(self: DistributedLock, step: Any, *rest: Any) -> Any:
         reply = original(self, step, *rest)
-        if self is waiter and isinstance(step, protocol.Call) and JOIN in step.args:
+        if self is waiter and JOIN in step.args:
             seen = notifier.messages
             holder.release()
             deadline = time.monotonic() + 5
@@ -200,7 +199,7 @@ def test_handover_before_the_waiter_registered_is_not_missed(
                 time.sleep(0.001)  # the reader thread has the handover before the waiter registers
         return reply
 
-    monkeypatch.setattr(DistributedLock, "_perform", attempt_then_release)
+    monkeypatch.setitem(DistributedLock._performers, "call", attempt_then_release)
     waiter = DistributedLock(r, name, retry_delay=20, blocking_timeout=30)
     started = time.monotonic()
     assert waiter.acquire()

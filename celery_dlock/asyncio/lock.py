@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from redis.exceptions import NoScriptError
 
 from celery_dlock import protocol
-from celery_dlock.connection import first_sight, reject_foreign_client, report_eviction_policy
+from celery_dlock.connection import reject_foreign_client, report_eviction_policy
 from celery_dlock.errors import DeadlineExceeded
 from celery_dlock.inbox import Inbox
 from celery_dlock.lease import (
@@ -142,6 +142,8 @@ class DistributedLock(LockCore):
 
     _check_client = staticmethod(check_async_client)
 
+    _performers: dict[str, Callable[..., Any]]
+
     # -- the operations: celery_dlock.protocol, performed here ---------------------
 
     async def acquire(self, blocking: bool = True) -> bool:
@@ -174,23 +176,20 @@ class DistributedLock(LockCore):
     async def _run(self, operation: protocol.Operation[T]) -> T:
         """Perform ``operation``'s steps in this task until it returns."""
         waiting = _Waiting()
+        perform = self._performers
         try:
             done, item = protocol.advance(operation, None, None)
             while not done:
-                done, item = protocol.advance(operation, *(await self._outcome(item, waiting)))
+                try:
+                    value = await perform[item.kind](self, item, waiting)
+                except BaseException as exc:  # thrown into the operation, which decides
+                    done, item = protocol.advance(operation, None, exc)
+                else:
+                    done, item = protocol.advance(operation, value, None)
             result: T = item
             return result
         finally:
             await waiting.close()
-
-    async def _outcome(self, step: protocol.Step, waiting: _Waiting) -> tuple[Any, BaseException | None]:
-        try:
-            return await self._perform(step, waiting), None
-        except BaseException as exc:  # thrown into the operation (a cancellation too), which decides
-            return None, exc
-
-    async def _perform(self, step: Any, waiting: _Waiting) -> Any:
-        return await getattr(self, "_" + step.kind)(step, waiting)
 
     # One method per kind of step (protocol.STEP_KINDS): how this driver performs it.
 
@@ -215,8 +214,7 @@ class DistributedLock(LockCore):
         return await within(step.deadline, self.redis.execute_command(*step.command))
 
     async def _check_server(self, step: protocol.CheckServer, waiting: _Waiting) -> None:
-        if first_sight(self.redis):
-            await check_server(self.redis, step.deadline)
+        await check_server(self.redis, step.deadline)
 
     async def _listen(self, step: Any, waiting: _Waiting) -> Inbox[asyncio.Event]:
         return self._inbox()[1]
@@ -231,10 +229,7 @@ class DistributedLock(LockCore):
         get_watchdog().track(self)
 
     async def _untrack(self, step: protocol.Untrack, waiting: _Waiting) -> None:
-        if step.wait:
-            await get_watchdog().untrack(self, wait=step.wait)
-        else:
-            get_watchdog().untrack_now(self)
+        await get_watchdog().untrack(self, wait=step.wait)
 
     async def _retime(self, step: Any, waiting: _Waiting) -> None:
         get_watchdog().retime(self)
@@ -264,3 +259,7 @@ class DistributedLock(LockCore):
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self._run(protocol.leave(self, exc))
+
+
+#: How this driver performs each kind of step (its ``_<kind>`` method), by kind.
+DistributedLock._performers = {kind: getattr(DistributedLock, "_" + kind) for kind in protocol.STEP_KINDS}

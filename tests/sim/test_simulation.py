@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from celery_dlock import protocol
-from celery_dlock.lease import ACQUIRED
+from celery_dlock.lease import ACQUIRED, LockCore, trusted_until
 from celery_dlock.scripts import WAIT
 from tests.sim.world import Violation, run_seed
 
@@ -62,6 +62,28 @@ def adopting_attempt(original: Any) -> Any:
 
 def test_the_simulation_finds_adoption_on_the_short_hand_over_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(protocol, "attempt", adopting_attempt(protocol.attempt))
+    found = None
+    for seed in range(SEEDS):
+        try:
+            run_seed(seed)
+        except Violation as violation:
+            found = str(violation)
+            break
+    assert found is not None, f"no seed of {SEEDS} found the defect"
+    assert "two clients hold the lock at once" in found
+
+
+def test_the_simulation_finds_a_renewal_reply_raising_the_trust_after_an_extend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other defect of that issue: a renewal sent before an extend() whose reply comes
+    after it raises the trust to the renewal's lease, past the shorter lease the extend set."""
+
+    def renewed_without_the_extend_check(self: Any, lease_ms: int, sent_at: float) -> None:
+        if not self._lost:
+            self._trusted_until = max(self._trusted_until, trusted_until(sent_at, lease_ms))
+
+    monkeypatch.setattr(LockCore, "_renewed", renewed_without_the_extend_check)
     found = None
     for seed in range(SEEDS):
         try:

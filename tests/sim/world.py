@@ -23,6 +23,8 @@ from celery_dlock import protocol
 from celery_dlock.errors import DeadlineExceeded
 from celery_dlock.inbox import Inbox, handover_token, inbox_channel
 from celery_dlock.lease import LockCore
+from celery_dlock.schedule import RenewalSchedule
+from celery_dlock.scripts import EXTEND
 from tests.sim.server import SimServer
 
 PREFIX = "sim:"
@@ -42,6 +44,10 @@ class SimLock(LockCore):
 
     _check_client = staticmethod(lambda client: client)
 
+    def make_token(self) -> str:
+        """From the world's seed, so a run replays exactly (the real token is os.urandom's)."""
+        return f"{self.redis.world.rng.getrandbits(128):032x}"
+
 
 @dataclass
 class Faults:
@@ -54,12 +60,13 @@ class Faults:
     long_pause: float = 0.0  # ...and that the pause outlasts the lease
     crash: float = 0.0  # chance that a holder never releases (its process died)
     cancel: float = 0.0  # chance per step that the operation is interrupted there
+    resend: float = 0.0  # chance that a reply is lost and the client's retry policy sends it again
 
     @classmethod
     def draw(cls, rng: random.Random) -> Faults:
         pick = lambda p: p if rng.random() < 0.5 else 0.0  # noqa: E731
         return cls(
-            latency_ms=(0, rng.choice([1, 3, 20])),
+            latency_ms=(0, rng.choice([1, 3, 20, 200])),
             lose_request=pick(0.03),
             lose_reply=pick(0.03),
             lose_message=pick(0.2),
@@ -68,10 +75,11 @@ class Faults:
             long_pause=pick(0.3),
             crash=pick(0.1),
             cancel=pick(0.02),
+            resend=pick(0.05),
         )
 
 
-@dataclass
+@dataclass(repr=False)
 class Client:
     name: str
     world: World
@@ -79,22 +87,76 @@ class Client:
     waiting: dict[str, Task] = field(default_factory=dict)  # token -> the task sleeping for it
     unclaimed: set[str] = field(default_factory=set)  # hand-overs that came before the sleep
     crashed: bool = False
+    paused_until: int = 0  # a pause of the whole process (GC, swap, SIGSTOP): its watchdog too
+    watchdog: SimWatchdog = field(init=False)
 
     def __post_init__(self) -> None:
         self.inbox = Inbox(inbox_channel(PREFIX, self.name), None)
         self.inbox.live_generation = 0
+        self.watchdog = SimWatchdog(self)
+
+    def __repr__(self) -> str:  # named in the lock's errors: the same in every replay
+        return f"<sim client {self.name}>"
+
+
+class SimWatchdog:
+    """The renewal watchdog of one client: the real RenewalSchedule, its batches sent as one
+    request each; paused with its client."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.schedule = RenewalSchedule()
+        self._timer = 0
+        self.drains: list[tuple[Task, SimLock]] = []  # release()s waiting for a renewal on the wire
+
+    def plan(self) -> None:
+        world = self.client.world
+        if self.client.crashed:
+            return
+        if world.now_ms < self.client.paused_until:
+            world.at(self.client.paused_until, self.plan)
+            return
+        plan = self.schedule.plan(world.now_ms / 1000.0)
+        for lock in plan.lost:
+            lock._notify_lost()
+        for batch in plan.batches:
+            world.send_batch(self, batch)
+        self._timer += 1
+        timer = self._timer
+        world.at(int(plan.wake_at * 1000) + 1, lambda: timer == self._timer and self.plan())
+
+    def completed(
+        self, batch: Any, replies: list[Any] | None, error: BaseException | None, sent_at: float
+    ) -> None:
+        world = self.client.world
+        for lock in self.schedule.complete(batch, replies, error, sent_at, world.now_ms / 1000.0):
+            lock._notify_lost()
+        for task, lock in list(self.drains):
+            if not self.schedule.in_flight(lock):
+                self.drains.remove((task, lock))
+                world.wake(task, None)
+        self.plan()
 
 
 class Task:
     """One operation of one client in progress."""
 
-    def __init__(self, world: World, client: Client, operation: protocol.Operation[Any], label: str,
-                 done: Callable[[Any, BaseException | None], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        world: World,
+        client: Client,
+        lock: SimLock,
+        operation: protocol.Operation[Any],
+        label: str,
+        done: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
         self.world, self.client, self.operation, self.label, self.done = world, client, operation, label, done
+        self.lock = lock
         # The caller's operations can be interrupted; a clean-up the protocol detached
         # runs to its end (interrupting it too would be a second fault in one place).
         self.cancellable = done is not None
         self.finished = False
+        self.started = False
         self.pending: int | None = None  # the id of the step it waits on
         self.watching: str | None = None
 
@@ -104,7 +166,10 @@ class Task:
             if self.client.crashed:
                 self.finished = True
                 return
-            if error is None and self.cancellable and world.rng.random() < world.faults.cancel:
+            # An interruption lands where the operation waits on a step (a driver awaits or
+            # blocks only there), never before its first step.
+            started, self.started = self.started, True
+            if started and error is None and self.cancellable and world.rng.random() < world.faults.cancel:
                 error = Cancelled(f"{self.label} interrupted")
             try:
                 finished, item = protocol.advance(self.operation, value, error)
@@ -146,6 +211,7 @@ class World:
         self.holders: dict[str, SimLock] = {}  # client -> the lock it was told it holds
         self.highest_fence = 0
         self.lossy = bool(self.faults.lose_request or self.faults.lose_reply)
+        self.release_sent: set[str] = set()  # tokens whose release (or clean-up) was sent
 
     # -- time ---------------------------------------------------------------------------
 
@@ -192,9 +258,24 @@ class World:
             self.at(self.now_ms + int(step.seconds * 1000) + 1, lambda: self.wake(task, wake_id))
             return WAIT
         if isinstance(step, protocol.Detach):
-            Task(self, client, step.operation, f"{client.name} clean-up").resume()
+            Task(self, client, task.lock, step.operation, f"{client.name} clean-up").resume()
             return None, None
-        return None, None  # CheckServer, TRACK, Untrack, RETIME: no watchdog in this world
+        watchdog = client.watchdog
+        now = self.now_ms / 1000.0
+        if step is protocol.TRACK:
+            watchdog.schedule.track(task.lock, now)
+            watchdog.plan()
+        elif step is protocol.RETIME:
+            watchdog.schedule.retime(task.lock, now)
+            watchdog.plan()
+        elif isinstance(step, protocol.Untrack):
+            watchdog.schedule.untrack(task.lock)
+            if step.wait and watchdog.schedule.in_flight(task.lock):
+                watchdog.drains.append((task, task.lock))
+                task.pending = wake_id = self._sequence + 1
+                self.at(self.now_ms + int(step.wait * 1000), lambda: self.wake(task, wake_id))
+                return WAIT
+        return None, None  # CheckServer
 
     def wake(self, task: Task, wake_id: int | None) -> None:
         if task.finished or (wake_id is not None and task.pending != wake_id):
@@ -205,12 +286,20 @@ class World:
         task.resume()
 
     def send(self, task: Task, step: Any) -> None:
+        if isinstance(step, protocol.Call) and step.script is task.lock._release_script:
+            self.release_sent.add(step.args[0])
         lo, hi = self.faults.latency_ms
         step_id = self._sequence + 1
         task.pending = step_id
         state = {"answered": False}
         if self.rng.random() >= self.faults.lose_request:
-            self.at(self.now_ms + self.rng.randint(lo, hi), lambda: self.execute(task, step, step_id, state))
+            if self.rng.random() < self.faults.resend:
+                # redis-py's retry: the request ran, its reply was lost, the same bytes go again.
+                self.at(self.now_ms + self.rng.randint(lo, hi), lambda: self.server_call(step))
+                self.at(self.now_ms + self.rng.randint(lo, hi) + hi, self.deliver_published)
+            self.at(
+                self.now_ms + self.rng.randint(lo, hi) + hi, lambda: self.execute(task, step, step_id, state)
+            )
         deadline_ms = int(step.deadline * 1000)
         self.at(deadline_ms + 1, lambda: self.deadline(task, step_id, state))
 
@@ -250,7 +339,7 @@ class World:
         if state["answered"]:  # the deadline came first: a late reply
             late = getattr(step, "late", None)
             if late is not None and not isinstance(reply, Exception):
-                Task(self, task.client, late(reply), f"{task.client.name} late reply").resume()
+                Task(self, task.client, task.lock, late(reply), f"{task.client.name} late reply").resume()
             return
         state["answered"] = True
         if task.pending == step_id:
@@ -263,6 +352,42 @@ class World:
         state["answered"] = True
         task.pending = None
         task.resume(None, DeadlineExceeded("no reply before the deadline (simulated)"))
+
+    def send_batch(self, watchdog: SimWatchdog, batch: Any) -> None:
+        """One pipeline of renewals (EXTEND 'renew'), as the real watchdog sends it."""
+        for _lock, token in batch.locks:
+            if token in self.release_sent:
+                self.fail(f"{watchdog.client.name} sent a renewal after the release of {token}")
+        sent_at = self.now_ms / 1000.0
+        state = {"answered": False}
+        lo, hi = self.faults.latency_ms
+        client = watchdog.client
+
+        def execute() -> None:
+            if client.crashed:
+                return
+            replies = [
+                self.server.evalsha(
+                    EXTEND.sha, [lock.keys.lock], [token, lock.options.timeout_ms, "renew", 0]
+                )
+                for lock, token in batch.locks
+            ]
+            if self.rng.random() < self.faults.lose_reply:
+                return
+            self.at(self.now_ms + self.rng.randint(lo, hi), lambda: answer(replies, None))
+
+        def answer(replies: list[Any] | None, error: BaseException | None) -> None:
+            if state["answered"] or client.crashed:
+                return
+            if self.now_ms < client.paused_until:  # the process reads it when it runs again
+                self.at(client.paused_until, lambda: answer(replies, error))
+                return
+            state["answered"] = True
+            watchdog.completed(batch, replies, error, sent_at)
+
+        if self.rng.random() >= self.faults.lose_request:
+            self.at(self.now_ms + self.rng.randint(lo, hi), execute)
+        self.at(int(batch.deadline * 1000) + 1, lambda: answer(None, DeadlineExceeded("renewal: no reply")))
 
     def deliver_published(self) -> None:
         published, self.server.published = self.server.published, []
@@ -292,7 +417,11 @@ class World:
     def check(self) -> None:
         believers = [name for name, lock in self.holders.items() if self.believes(lock)]
         if len(believers) > 1:
-            self.fail(f"two clients hold the lock at once: {believers}")
+            trust = {
+                name: (self.holders[name].fence, round(self.holders[name].trusted_until, 3))
+                for name in believers
+            }
+            self.fail(f"two clients hold the lock at once: {believers} (fence, trusted until: {trust})")
 
     def granted(self, client: Client, lock: SimLock) -> None:
         """acquire() returned True: the client holds the lock from now on (until it is lost)."""
@@ -326,7 +455,8 @@ def run_seed(seed: int, clients: int = 3, rounds: int = 4, acquire_op: Any = Non
             return
         blocking = rng.random() < 0.8
         lock = SimLock(client, NAME, timeout=lease, retry_delay=rng.choice([0.05, 0.3]),
-                       blocking_timeout=rng.choice([0.5, 3.0]), prefix=PREFIX)  # fmt: skip
+                       blocking_timeout=rng.choice([0.5, 3.0]), auto_renewal=rng.random() < 0.5,
+                       prefix=PREFIX)  # fmt: skip
         started = world.now_ms
 
         def acquired(result: Any, error: BaseException | None) -> None:
@@ -340,21 +470,41 @@ def run_seed(seed: int, clients: int = 3, rounds: int = 4, acquire_op: Any = Non
             else:
                 world.at(world.now_ms + rng.randint(0, 50), lambda: start_round(client, left - 1))
 
-        Task(world, client, acquire_op(lock, blocking), f"{client.name} acquire", acquired).resume()
+        Task(world, client, lock, acquire_op(lock, blocking), f"{client.name} acquire", acquired).resume()
 
     def hold(client: Client, lock: SimLock, left: int) -> None:
-        hold_ms = rng.randint(0, int(lease * 500))
+        """Hold a while (longer than the lease when renewed); maybe pause the whole process,
+        shorter or longer than the lease; maybe extend part-way; then release (or crash)."""
+        hold_ms = rng.randint(0, int(lease * (3000 if lock.options.auto_renewal else 500)))
         if rng.random() < world.faults.pause:
             longer = rng.random() < world.faults.long_pause  # than the lease: the lock is lost meanwhile
-            hold_ms = (
+            pause_ms = (
                 rng.randint(int(lease * 1000), int(lease * 3000))
                 if longer
                 else rng.randint(0, int(lease * 900))
             )
+            client.paused_until = world.now_ms + pause_ms  # its watchdog stops too
+            hold_ms = max(hold_ms, pause_ms)
         if rng.random() < world.faults.crash:
             world.at(world.now_ms + hold_ms, lambda: crash(client, lock))
             return
+        if rng.random() < 0.3:
+            first = rng.randint(
+                max(0, client.paused_until - world.now_ms), max(hold_ms, client.paused_until - world.now_ms)
+            )
+            world.at(world.now_ms + first, lambda: extend(client, lock, left, max(0, hold_ms - first)))
+            return
         world.at(world.now_ms + hold_ms, lambda: release(client, lock, left))
+
+    def extend(client: Client, lock: SimLock, left: int, rest_ms: int) -> None:
+        seconds, replace = rng.choice([lease * 0.3, lease, lease * 2]), rng.random() < 0.5
+
+        def extended(result: Any, error: BaseException | None) -> None:
+            world.at(world.now_ms + rest_ms, lambda: release(client, lock, left))
+
+        Task(
+            world, client, lock, protocol.extend(lock, seconds, replace), f"{client.name} extend", extended
+        ).resume()
 
     def release(client: Client, lock: SimLock, left: int) -> None:
         world.holders.pop(client.name, None)  # calling release() ends its use of the lock
@@ -362,7 +512,7 @@ def run_seed(seed: int, clients: int = 3, rounds: int = 4, acquire_op: Any = Non
         def released(result: Any, error: BaseException | None) -> None:
             world.at(world.now_ms + rng.randint(0, 50), lambda: start_round(client, left - 1))
 
-        Task(world, client, protocol.release(lock, None), f"{client.name} release", released).resume()
+        Task(world, client, lock, protocol.release(lock, None), f"{client.name} release", released).resume()
 
     def crash(client: Client, lock: SimLock) -> None:
         client.crashed = True
@@ -391,4 +541,3 @@ def leftovers(world: World, lease: float) -> None:
     stale = [m for m in queue if not any(m.decode().split(":", 1)[1].startswith(ch) for ch in crashed)]
     if stale and not world.lossy:
         world.fail(f"queue entries nobody owns: {stale}")
-
