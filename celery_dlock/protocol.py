@@ -188,7 +188,7 @@ def acquire(lock: LockCore, blocking: bool) -> Operation[bool]:
     token = lock._start_attempt()
     now = yield NOW
     plan = AttemptPlan(lock.options, blocking, now)
-    if first_sight(lock.redis):  # (an in-memory check; the server's, once per client)
+    if first_sight(lock.redis):  # this client's first acquire (an in-memory test): check its server once
         yield CheckServer(plan.attempt_deadline(now))
         now = yield NOW
     if not blocking or lock._blocking_mode == TRY:

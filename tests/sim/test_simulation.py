@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from celery_dlock import protocol
-from celery_dlock.lease import ACQUIRED, LockCore, trusted_until
+from celery_dlock.lease import ACQUIRED, AttemptPlan, LockCore, trusted_until
 from celery_dlock.scripts import WAIT
 from tests.sim.world import Violation, run_seed
 
@@ -73,17 +73,18 @@ def test_the_simulation_finds_adoption_on_the_short_hand_over_lease(monkeypatch:
     assert "two clients hold the lock at once" in found
 
 
-def test_the_simulation_finds_a_renewal_reply_raising_the_trust_after_an_extend(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The other defect of that issue: a renewal sent before an extend() whose reply comes
-    after it raises the trust to the renewal's lease, past the shorter lease the extend set."""
+def test_the_simulation_finds_the_extend_renewal_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other defect of that issue, and its sibling the simulator found: the trust follows
+    whichever answer comes last, so a renewal reply that overtakes an extend(replace=True)
+    that shortens the lease, or a shortening extend whose reply is lost, leaves the holder
+    trusting a lease the server no longer gives it."""
 
     def renewed_without_the_extend_check(self: Any, lease_ms: int, sent_at: float) -> None:
         if not self._lost:
             self._trusted_until = max(self._trusted_until, trusted_until(sent_at, lease_ms))
 
     monkeypatch.setattr(LockCore, "_renewed", renewed_without_the_extend_check)
+    monkeypatch.setattr(LockCore, "_extend_started", lambda self, lease_ms, sent_at: None)
     found = None
     for seed in range(SEEDS):
         try:
@@ -93,3 +94,27 @@ def test_the_simulation_finds_a_renewal_reply_raising_the_trust_after_an_extend(
             break
     assert found is not None, f"no seed of {SEEDS} found the defect"
     assert "two clients hold the lock at once" in found
+
+
+def test_the_simulation_finds_a_waiter_that_sleeps_through_a_free_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiter that trusts the hand-over message alone (no timer before its deadline) misses a
+    lock that expired, or whose message was lost: the no-lost-wake-up check sees it."""
+    original = AttemptPlan.next_wait
+
+    def until_the_deadline(self: AttemptPlan, reply: Any, now: float) -> float | None:
+        wait = original(self, reply, now)
+        deadline = self._deadline
+        return None if wait is None else max(wait, deadline - now if deadline is not None else wait)
+
+    monkeypatch.setattr(AttemptPlan, "next_wait", until_the_deadline)
+    found = None
+    for seed in range(SEEDS):
+        try:
+            run_seed(seed)
+        except Violation as violation:
+            found = str(violation)
+            break
+    assert found is not None, f"no seed of {SEEDS} found the defect"
+    assert "gave up though the lock was free" in found

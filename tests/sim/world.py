@@ -29,6 +29,7 @@ from tests.sim.server import SimServer
 
 PREFIX = "sim:"
 NAME = "job"
+LOCK_KEY = f"{PREFIX}{{{NAME}}}"
 
 
 class Cancelled(BaseException):
@@ -210,8 +211,11 @@ class World:
         self.clients = [Client(f"c{i}", self) for i in range(clients)]
         self.holders: dict[str, SimLock] = {}  # client -> the lock it was told it holds
         self.highest_fence = 0
-        self.lossy = bool(self.faults.lose_request or self.faults.lose_reply)
+        self.lossy = bool(self.faults.lose_request or self.faults.lose_reply or self.faults.resend)
         self.release_sent: set[str] = set()  # tokens whose release (or clean-up) was sent
+        self.free: list[tuple[int, int]] = []  # (from, to) ms: the lock key did not exist
+        self.free_since: int | None = self.now_ms
+        self.lock_expires: int | None = None
 
     # -- time ---------------------------------------------------------------------------
 
@@ -228,9 +232,30 @@ class World:
             when, _, action = heapq.heappop(self._events)
             self.server.now_ms = when
             action()
+            self.observe_lock()
             self.check()
         self.server.now_ms = max(self.server.now_ms, until_ms)
+        self.observe_lock()
         self.check()
+
+    def observe_lock(self) -> None:
+        """Keep the intervals in which the lock key did not exist (from its expiry, or its
+        deletion), for the no-lost-wake-up check."""
+        key = LOCK_KEY.encode()
+        expires = self.server.expires.get(key)  # read before an expired key is dropped
+        if self.server.get(key) is not None:
+            if self.free_since is not None:
+                self.free.append((self.free_since, self.now_ms))
+                self.free_since = None
+            self.lock_expires = expires
+        elif self.free_since is None:
+            expired = self.lock_expires is not None and self.lock_expires <= self.now_ms
+            self.free_since = self.lock_expires if expired and self.lock_expires is not None else self.now_ms
+            self.lock_expires = None
+
+    def free_intervals(self) -> list[tuple[int, int]]:
+        current = [] if self.free_since is None else [(self.free_since, self.now_ms)]
+        return self.free + current
 
     # -- performing a step ---------------------------------------------------------------
 
@@ -447,11 +472,11 @@ def run_seed(seed: int, clients: int = 3, rounds: int = 4, acquire_op: Any = Non
     acquire_op = acquire_op or protocol.acquire
     rng = world.rng
     lease = rng.choice([0.2, 1.0, 3.0])
-    ended: list[str] = []
+    ended: set[str] = set()
 
     def start_round(client: Client, left: int) -> None:
         if left == 0 or client.crashed:
-            ended.append(client.name)
+            ended.add(client.name)
             return
         blocking = rng.random() < 0.8
         lock = SimLock(client, NAME, timeout=lease, retry_delay=rng.choice([0.05, 0.3]),
@@ -467,10 +492,26 @@ def run_seed(seed: int, clients: int = 3, rounds: int = 4, acquire_op: Any = Non
             if result is True:
                 world.granted(client, lock)
                 hold(client, lock, left)
-            else:
-                world.at(world.now_ms + rng.randint(0, 50), lambda: start_round(client, left - 1))
+                return
+            if blocking and error is None and not world.lossy:
+                no_lost_wake_up(lock, started)
+            world.at(world.now_ms + rng.randint(0, 50), lambda: start_round(client, left - 1))
 
         Task(world, client, lock, acquire_op(lock, blocking), f"{client.name} acquire", acquired).resume()
+
+    def no_lost_wake_up(lock: SimLock, started: int) -> None:
+        """A waiter that gave up must not have slept through a free lock: it looks again at
+        least every retry_delay, so a free spell longer than that and a round trip, inside
+        its wait, would have been its."""
+        round_trip = 2 * world.faults.latency_ms[1]  # its last reply's way back, the next request's there
+        longest_ms = lock.options.retry_delay * 1000 + round_trip + 3
+        until = started + (lock.options.blocking_timeout or 0) * 1000 - round_trip
+        for start, end in world.free_intervals():
+            if start >= started and end <= until and end - start > longest_ms:
+                world.fail(
+                    f"{lock.redis.name} gave up though the lock was free from {start} to {end} "
+                    f"({end - start} ms, more than its retry_delay and a round trip)"
+                )
 
     def hold(client: Client, lock: SimLock, left: int) -> None:
         """Hold a while (longer than the lease when renewed); maybe pause the whole process,
@@ -513,12 +554,14 @@ def run_seed(seed: int, clients: int = 3, rounds: int = 4, acquire_op: Any = Non
             world.at(world.now_ms + rng.randint(0, 50), lambda: start_round(client, left - 1))
 
         Task(world, client, lock, protocol.release(lock, None), f"{client.name} release", released).resume()
+        if rng.random() < world.faults.crash / 2:  # the process dies with its release on the wire
+            world.at(world.now_ms + rng.randint(0, world.faults.latency_ms[1]), lambda: crash(client, lock))
 
     def crash(client: Client, lock: SimLock) -> None:
         client.crashed = True
         world.holders.pop(client.name, None)
         world.trace.append(f"{world.now_ms:>8} {client.name} crashed holding fence {lock.fence}")
-        ended.append(client.name)
+        ended.add(client.name)
 
     for client in world.clients:
         world.at(world.now_ms + rng.randint(0, 20), lambda c=client: start_round(c, rounds))
