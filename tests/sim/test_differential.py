@@ -103,18 +103,23 @@ def random_step(rng: random.Random, with_note: bool) -> tuple[str, Any]:
     return "foreign", rng.choice([b"garbage-member", b"40:simdiff:inbox:short"])
 
 
+def script_call(world: World, kind: str) -> tuple[scripts.Script, list[str]]:
+    """The script a step runs, and its KEYS (the same on both sides)."""
+    return {
+        "acquire": (scripts.ACQUIRE, world.acquire_keys()),
+        "release": (scripts.RELEASE, world.release_keys()),
+        "extend": (scripts.EXTEND, [world.keys.lock]),
+        "is_owner": (scripts.IS_OWNER, [world.keys.lock]),
+    }[kind]
+
+
 def run_real(real: redis.Redis, world: World, step: tuple[str, Any]) -> Any:
     kind, args = step
     if kind == "lapse":
         return real.delete(getattr(world.keys, args))
     if kind == "foreign":
         return real.zadd(world.keys.waiters, {args: 0})
-    script, keys = {
-        "acquire": (scripts.ACQUIRE, world.acquire_keys()),
-        "release": (scripts.RELEASE, world.release_keys()),
-        "extend": (scripts.EXTEND, [world.keys.lock]),
-        "is_owner": (scripts.IS_OWNER, [world.keys.lock]),
-    }[kind]
+    script, keys = script_call(world, kind)
     return real.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
@@ -128,12 +133,7 @@ def run_sim(sim: SimServer, world: World, step: tuple[str, Any]) -> Any:
         added = args not in sim.zsets.setdefault(key, {})
         sim.zsets[key][args] = 0
         return int(added)
-    script, keys = {
-        "acquire": (scripts.ACQUIRE, world.acquire_keys()),
-        "release": (scripts.RELEASE, world.release_keys()),
-        "extend": (scripts.EXTEND, [world.keys.lock]),
-        "is_owner": (scripts.IS_OWNER, [world.keys.lock]),
-    }[kind]
+    script, keys = script_call(world, kind)
     return sim.evalsha(script.sha, keys, args)
 
 
